@@ -1,0 +1,290 @@
+"""Every self-distillation knob: its type, default, help text and validation, in one place.
+
+The same definitions serve three ways in:
+
+* command line: ``add_self_distill_arguments(parser)`` registers ``--self-distill-*`` flags (usable as slime's
+  ``parse_args(add_custom_arguments=...)``);
+* YAML for slime's ``--custom-config-path``: keys are the flag names with underscores
+  (``self_distill_kl_scope: topk``); slime sets them on ``args`` without type checks, so
+  ``SelfDistillConfig.from_args`` checks them;
+* Python: ``SelfDistillConfig(kl_scope="topk", topk=20)``.
+
+A configuration is validated when it is built; an invalid value or combination raises ``ConfigError`` naming
+the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ARG_PREFIX = "self_distill_"
+
+KL_SCOPES = ("full_vocab", "topk", "sampled_token")
+DIVERGENCES = ("forward_kl", "reverse_kl", "alpha_js")
+IMPORTANCE_CORRECTIONS = ("off", "token", "sequence")
+TEACHER_KINDS = ("frozen", "live", "ema")
+EMA_UPDATE_INTERVALS = ("step", "rollout")
+TEACHER_OVERFLOW_POLICIES = ("error", "drop", "truncate_demonstration")
+MISSING_TEACHER_POLICIES = ("error", "exclude")
+FULL_VOCAB_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """An invalid self-distillation setting; the message names the flag and the fix."""
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + (ARG_PREFIX + field_name).replace("_", "-")
+
+
+def _knob(help: str, choices: Optional[tuple] = None) -> dict:
+    return {"help": help, "choices": choices}
+
+
+@dataclass(frozen=True)
+class SelfDistillConfig:
+    kl_scope: str = field(
+        default="full_vocab",
+        metadata=_knob(
+            "Where the divergence is computed: 'full_vocab' (exact, needs the teacher's whole distribution), "
+            "'topk' (teacher top-K support plus one tail bucket), 'sampled_token' (score-function surrogate "
+            "on the student's sampled token only).",
+            KL_SCOPES,
+        ),
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata=_knob(
+            "forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), alpha_js = generalized "
+            "Jensen-Shannon with --self-distill-alpha (alpha 0 is forward_kl, alpha 1 is reverse_kl).",
+            DIVERGENCES,
+        ),
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata=_knob("Teacher weight of the alpha_js mixture M = alpha*T + (1-alpha)*S, in [0, 1]."),
+    )
+    topk: int = field(
+        default=64,
+        metadata=_knob("K of the 'topk' scope: how many teacher tokens are kept per position (>= 1)."),
+    )
+    teacher_prompt_key: str = field(
+        default="teacher_prompt",
+        metadata=_knob("Metadata key of each dataset row that holds the teacher prompt (string or chat messages)."),
+    )
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata=_knob(
+            "Keep only this top fraction of completion tokens by student entropy, in (0, 1]; 1.0 keeps all."
+        ),
+    )
+    num_loss_tokens_to_skip: int = field(
+        default=0,
+        metadata=_knob("Leave the first N completion tokens of each sample out of the loss (>= 0)."),
+    )
+    importance_correction: str = field(
+        default="off",
+        metadata=_knob(
+            "Truncated importance weight min(exp(log p_train - log p_rollout), cap), detached, correcting the "
+            "rollout-engine/trainer mismatch: 'token' (per token), 'sequence' (per-sequence mean) or 'off'.",
+            IMPORTANCE_CORRECTIONS,
+        ),
+    )
+    importance_cap: float = field(
+        default=2.0,
+        metadata=_knob("Upper bound of the truncated importance weight (> 0)."),
+    )
+    sampled_ratio_cap: float = field(
+        default=10.0,
+        metadata=_knob(
+            "sampled_token + forward_kl only: the teacher/student probability ratio T/S of the score-function "
+            "surrogate is clipped at this value (> 0) to bound its variance."
+        ),
+    )
+    teacher: str = field(
+        default="frozen",
+        metadata=_knob(
+            "Teacher weights: 'frozen' (the --opd-teacher-load checkpoint, else the student's initial weights), "
+            "'live' (the current student weights) or 'ema' (an fp32 moving average of the student).",
+            TEACHER_KINDS,
+        ),
+    )
+    ema_rate: float = field(
+        default=0.01,
+        metadata=_knob("EMA teacher update: teacher <- (1 - rate) * teacher + rate * student, rate in (0, 1]."),
+    )
+    ema_update_interval: str = field(
+        default="step",
+        metadata=_knob("When the EMA teacher is updated: after every optimizer 'step' or every 'rollout'.",
+                       EMA_UPDATE_INTERVALS),
+    )
+    max_teacher_prompt_len: Optional[int] = field(
+        default=None,
+        metadata=_knob(
+            "Token budget of the teacher prompt (its own budget, separate from --rollout-max-prompt-len); "
+            "unset means no limit."
+        ),
+    )
+    teacher_overflow: str = field(
+        default="error",
+        metadata=_knob(
+            "What to do with a teacher prompt over --self-distill-max-teacher-prompt-len: 'error', 'drop' (the "
+            "sample is excluded from distillation) or 'truncate_demonstration' (shorten only the demonstration, "
+            "never the question).",
+            TEACHER_OVERFLOW_POLICIES,
+        ),
+    )
+    missing_teacher: str = field(
+        default="error",
+        metadata=_knob(
+            "A sample whose metadata lacks a teacher prompt: 'error' stops the run naming the sample, 'exclude' "
+            "keeps it for rollout but leaves it out of the distillation loss (numerator and denominator).",
+            MISSING_TEACHER_POLICIES,
+        ),
+    )
+    chunk_size: int = field(
+        default=1024,
+        metadata=_knob(
+            "Rows (completion tokens) per chunk of the full-vocabulary and top-K computations; peak extra memory "
+            "is a small multiple of chunk_size x vocabulary shard (>= 1)."
+        ),
+    )
+    full_vocab_storage_dtype: str = field(
+        default="float16",
+        metadata=_knob(
+            "dtype in which the teacher's full-vocabulary log-probabilities are kept in host memory between the "
+            "teacher pass and the training step.",
+            FULL_VOCAB_STORAGE_DTYPES,
+        ),
+    )
+    host_memory_budget_gb: Optional[float] = field(
+        default=None,
+        metadata=_knob(
+            "Host memory (GiB per node) the full_vocab teacher store may use; unset means 80% of the memory "
+            "available when the run starts."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(f, value)
+            if value is not None and _scalar_type(f) is float:
+                object.__setattr__(self, f.name, float(value))  # YAML may give 1 for 1.0
+        _validate(self)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_args(cls, args: Any) -> "SelfDistillConfig":
+        """Build from slime's ``args``: flags or YAML keys; defaults fill anything absent.
+
+        A ``self_distill_*`` attribute that is not a knob (a misspelt YAML key) is an error, because slime would
+        otherwise carry it silently.
+        """
+        known = {ARG_PREFIX + f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in vars(args) if k.startswith(ARG_PREFIX) and k not in known)
+        if unknown:
+            raise ConfigError(
+                f"unknown self-distillation setting(s) {unknown} (from a flag or --custom-config-path YAML key); "
+                f"valid keys are {sorted(known)}"
+            )
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(args, ARG_PREFIX + f.name, None)
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+    def to_args_dict(self) -> dict:
+        """``{'self_distill_<name>': value}``: the YAML keys / ``args`` attributes of this configuration."""
+        return {ARG_PREFIX + k: v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def alpha_js_weight(self) -> float:
+        """The effective alpha: forward_kl is alpha 0, reverse_kl is alpha 1 (the GKD/TRL special cases)."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.alpha)
+
+
+def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register every ``--self-distill-*`` flag; returns the parser (slime's ``add_custom_arguments`` contract).
+
+    Flags default to ``None`` so that ``SelfDistillConfig.from_args`` can tell "not given" from a value and fill
+    the configuration's own default.
+    """
+    group = parser.add_argument_group("self-distillation (slime_self_distill)")
+    for f in dataclasses.fields(SelfDistillConfig):
+        default = f.default
+        shown = "unset" if default is None else default
+        group.add_argument(
+            flag_name(f.name),
+            dest=ARG_PREFIX + f.name,
+            type=_scalar_type(f),
+            choices=f.metadata["choices"],
+            default=None,
+            help=f"{f.metadata['help']} (default: {shown})",
+        )
+    return parser
+
+
+# ---------------------------------------------------------------------- validation
+_SCALAR_TYPES = {"str": str, "int": int, "float": float, "Optional[int]": int, "Optional[float]": float}
+
+
+def _scalar_type(f: dataclasses.Field) -> type:
+    return _SCALAR_TYPES[f.type]  # annotations are strings (``from __future__ import annotations``)
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    if value is None and "Optional" in str(f.type):
+        return
+    expected = _scalar_type(f)
+    ok = (
+        isinstance(value, expected) and not isinstance(value, bool)
+        if expected is not float
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{flag_name(f.name)} (YAML key {ARG_PREFIX + f.name}) must be {expected.__name__}, got "
+            f"{value!r} of type {type(value).__name__}; write it as a plain {expected.__name__} in the YAML file"
+        )
+
+
+def _fail(name: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{flag_name(name)}: {problem}; {fix}")
+
+
+def _validate(c: SelfDistillConfig) -> None:
+    for f in dataclasses.fields(c):
+        choices = f.metadata["choices"]
+        if choices and getattr(c, f.name) not in choices:
+            _fail(f.name, f"got {getattr(c, f.name)!r}", f"choose one of {', '.join(choices)}")
+    if not 0.0 <= c.alpha <= 1.0:
+        _fail("alpha", f"got {c.alpha}, outside [0, 1]", "use 0 for forward KL, 1 for reverse KL, 0.5 for JSD")
+    if c.topk < 1:
+        _fail("topk", f"got {c.topk}", "use K >= 1 (e.g. 20 or 64)")
+    if not c.teacher_prompt_key:
+        _fail("teacher_prompt_key", "is empty", "name the metadata key that holds the teacher prompt")
+    if not 0.0 < c.top_entropy_quantile <= 1.0:
+        _fail("top_entropy_quantile", f"got {c.top_entropy_quantile}, outside (0, 1]",
+              "use 1.0 to keep every token, or e.g. 0.2 to keep the 20% highest-entropy tokens")
+    if c.num_loss_tokens_to_skip < 0:
+        _fail("num_loss_tokens_to_skip", f"got {c.num_loss_tokens_to_skip}", "use 0 or a positive count")
+    if c.importance_cap <= 0:
+        _fail("importance_cap", f"got {c.importance_cap}", "use a cap > 0 (the SDFT default is 2)")
+    if c.sampled_ratio_cap <= 0:
+        _fail("sampled_ratio_cap", f"got {c.sampled_ratio_cap}", "use a cap > 0 (e.g. 10)")
+    if not 0.0 < c.ema_rate <= 1.0:
+        _fail("ema_rate", f"got {c.ema_rate}, outside (0, 1]", "use e.g. 0.01 (SDFT) or 0.05 (SDPO)")
+    if c.max_teacher_prompt_len is not None and c.max_teacher_prompt_len < 1:
+        _fail("max_teacher_prompt_len", f"got {c.max_teacher_prompt_len}", "use a positive token count or leave it unset")
+    if c.teacher_overflow == "truncate_demonstration" and c.max_teacher_prompt_len is None:
+        _fail("teacher_overflow", "'truncate_demonstration' needs a budget",
+              f"also set {flag_name('max_teacher_prompt_len')}")
+    if c.chunk_size < 1:
+        _fail("chunk_size", f"got {c.chunk_size}", "use a positive number of rows (e.g. 1024)")
+    if c.host_memory_budget_gb is not None and c.host_memory_budget_gb <= 0:
+        _fail("host_memory_budget_gb", f"got {c.host_memory_budget_gb}", "use a positive size in GiB or leave it unset")

@@ -1,0 +1,107 @@
+import argparse
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from slime_self_distill.config import (
+    ConfigError,
+    SelfDistillConfig,
+    add_self_distill_arguments,
+    flag_name,
+)
+
+
+def parse(argv):
+    return add_self_distill_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_every_knob_has_a_flag_with_help_and_default():
+    parser = add_self_distill_arguments(argparse.ArgumentParser())
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(SelfDistillConfig):
+        action = actions["self_distill_" + f.name]
+        assert action.option_strings == [flag_name(f.name)]
+        assert action.help and "default:" in action.help
+
+
+def test_flags_absent_fill_defaults():
+    assert SelfDistillConfig.from_args(parse([])) == SelfDistillConfig()
+
+
+def test_flags_parse_with_types():
+    args = parse(
+        [
+            "--self-distill-kl-scope", "topk",
+            "--self-distill-divergence", "alpha_js",
+            "--self-distill-alpha", "0.3",
+            "--self-distill-topk", "20",
+            "--self-distill-max-teacher-prompt-len", "4096",
+        ]
+    )
+    config = SelfDistillConfig.from_args(args)
+    assert (config.kl_scope, config.divergence, config.alpha, config.topk) == ("topk", "alpha_js", 0.3, 20)
+    assert config.max_teacher_prompt_len == 4096
+
+
+def test_bad_choice_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse(["--self-distill-kl-scope", "whole_vocab"])
+
+
+def test_yaml_style_namespace_partial_keys_fill_defaults():
+    # slime's --custom-config-path does setattr(args, key, value) for each YAML key, with no type checks.
+    args = SimpleNamespace(self_distill_divergence="reverse_kl", self_distill_ema_rate=1, lr=1e-6)
+    config = SelfDistillConfig.from_args(args)
+    assert config.divergence == "reverse_kl"
+    assert config.ema_rate == 1.0 and isinstance(config.ema_rate, float)
+    assert config.kl_scope == SelfDistillConfig().kl_scope
+
+
+def test_yaml_wrong_type_names_flag_and_key():
+    with pytest.raises(ConfigError, match=r"--self-distill-topk \(YAML key self_distill_topk\) must be int"):
+        SelfDistillConfig.from_args(SimpleNamespace(self_distill_topk="64"))
+
+
+def test_misspelt_yaml_key_is_an_error():
+    with pytest.raises(ConfigError, match="self_distill_kl_scop"):
+        SelfDistillConfig.from_args(SimpleNamespace(self_distill_kl_scop="topk"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag, fix",
+    [
+        ({"alpha": 1.5}, "--self-distill-alpha", "forward KL"),
+        ({"alpha": -0.1}, "--self-distill-alpha", "forward KL"),
+        ({"topk": 0}, "--self-distill-topk", "K >= 1"),
+        ({"top_entropy_quantile": 0.0}, "--self-distill-top-entropy-quantile", "1.0"),
+        ({"top_entropy_quantile": 1.5}, "--self-distill-top-entropy-quantile", "1.0"),
+        ({"num_loss_tokens_to_skip": -1}, "--self-distill-num-loss-tokens-to-skip", "positive"),
+        ({"importance_cap": 0.0}, "--self-distill-importance-cap", "cap > 0"),
+        ({"sampled_ratio_cap": -1.0}, "--self-distill-sampled-ratio-cap", "cap > 0"),
+        ({"ema_rate": 0.0}, "--self-distill-ema-rate", "0.01"),
+        ({"max_teacher_prompt_len": 0}, "--self-distill-max-teacher-prompt-len", "positive"),
+        ({"teacher_overflow": "truncate_demonstration"}, "--self-distill-teacher-overflow",
+         "--self-distill-max-teacher-prompt-len"),
+        ({"chunk_size": 0}, "--self-distill-chunk-size", "positive"),
+        ({"host_memory_budget_gb": 0.0}, "--self-distill-host-memory-budget-gb", "GiB"),
+        ({"kl_scope": "whole"}, "--self-distill-kl-scope", "full_vocab, topk, sampled_token"),
+        ({"teacher_prompt_key": ""}, "--self-distill-teacher-prompt-key", "metadata key"),
+    ],
+)
+def test_invalid_values_name_the_flag_and_the_fix(kwargs, flag, fix):
+    with pytest.raises(ConfigError) as excinfo:
+        SelfDistillConfig(**kwargs)
+    assert flag in str(excinfo.value)
+    assert fix in str(excinfo.value)
+
+
+def test_alpha_js_weight_special_cases():
+    assert SelfDistillConfig(divergence="forward_kl", alpha=0.7).alpha_js_weight == 0.0
+    assert SelfDistillConfig(divergence="reverse_kl", alpha=0.7).alpha_js_weight == 1.0
+    assert SelfDistillConfig(divergence="alpha_js", alpha=0.7).alpha_js_weight == 0.7
+
+
+def test_round_trip_through_args_dict():
+    config = SelfDistillConfig(kl_scope="sampled_token", divergence="reverse_kl", teacher="ema", ema_rate=0.05)
+    assert SelfDistillConfig.from_args(SimpleNamespace(**config.to_args_dict())) == config
