@@ -1,0 +1,69 @@
+"""The teacher's view of one sample, as it travels from the rollout converter to the Megatron trainer.
+
+slime copies only whitelisted keys of the train data to the trainer (``_split_train_data_by_dp``); ``prompt`` is
+the one whitelisted key that slime neither produces nor reads, so the converter puts one ``TeacherView`` per
+sample there (``train_data["prompt"][i]``). It is pickled by Ray, so it stays a small frozen dataclass of plain
+Python values.
+
+Invariant (checked by ``TeacherView.__post_init__``): for a sample with a teacher,
+``tokens[-response_length:]`` are exactly the student's response token ids (never re-tokenized text), and
+``tokens[:prompt_length]`` is the teacher prompt encoded exactly as slime encodes the student prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+PAYLOAD_KEY = "prompt"
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    # Teacher prompt ids followed by the student's exact response ids; empty when ``has_teacher`` is False.
+    tokens: Tuple[int, ...]
+    # Number of response tokens (== the student's ``response_length``).
+    response_length: int
+    # False: the sample is excluded from the distillation loss (no teacher prompt, or dropped for overflow).
+    has_teacher: bool
+    # Multiplier of this sample's per-sample loss so that the mean runs over samples that have a teacher only
+    # (n_samples / n_with_teacher over the whole rollout; 0.0 for samples without a teacher).
+    loss_weight: float
+    # Why the sample has no teacher ("" when it has one); shown in logs and metrics.
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.response_length < 0:
+            raise ValueError(f"TeacherView.response_length must be >= 0, got {self.response_length}")
+        if self.has_teacher:
+            if len(self.tokens) <= self.response_length:
+                raise ValueError(
+                    f"TeacherView with a teacher needs a non-empty teacher prompt before the {self.response_length} "
+                    f"response tokens, got {len(self.tokens)} tokens in all"
+                )
+            if self.loss_weight <= 0:
+                raise ValueError(f"TeacherView with a teacher needs loss_weight > 0, got {self.loss_weight}")
+        else:
+            if self.tokens:
+                raise ValueError("TeacherView without a teacher must carry no tokens")
+            if self.loss_weight != 0.0:
+                raise ValueError("TeacherView without a teacher must have loss_weight 0.0")
+            if not self.reason:
+                raise ValueError("TeacherView without a teacher must say why (reason)")
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.tokens) - self.response_length if self.has_teacher else 0
+
+    @property
+    def total_length(self) -> int:
+        return len(self.tokens)
+
+
+# Keys of the training batch that the Megatron hooks fill (one entry per sample, in the student's response
+# layout, local to this context-parallel rank) and that the custom loss reads.
+TEACHER_TOKEN_LOG_PROBS_KEY = "teacher_log_probs"  # [R] float: slime's own key
+TEACHER_TOPK_LOG_PROBS_KEY = "teacher_topk_log_probs"  # [R, K] float
+TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"  # [R, K] int64, global vocabulary ids
+TEACHER_FULL_LOG_PROBS_KEY = "teacher_full_log_probs"  # [R, V/TP] float, this rank's vocabulary shard
+LOSS_WEIGHTS_KEY = "self_distill_loss_weights"  # float per sample: TeacherView.loss_weight
