@@ -1,0 +1,422 @@
+"""Per-token divergences between a student and a teacher distribution, vocabulary-parallel and chunked.
+
+Pure torch (plus an optional tensor-parallel process group); nothing here imports slime.
+
+Conventions (``docs``: the project's math notes):
+
+* ``logits`` are the student's ``[N, V_local]`` rows of this tensor-parallel rank's vocabulary shard, already
+  divided by the rollout temperature. Column ``j`` on TP rank ``r`` is global vocabulary id ``r * V_local + j``
+  (Megatron's layout). Any float dtype comes in; all arithmetic runs in fp32 (fp64 when the logits are fp64, so
+  that ``torch.autograd.gradcheck`` applies).
+* ``forward_kl`` = KL(T || S), ``reverse_kl`` = KL(S || T), ``alpha_js`` = alpha KL(T || M) + (1 - alpha) KL(S || M)
+  with M = alpha T + (1 - alpha) S; alpha 0 and 1 are forward and reverse KL (the GKD/TRL special cases).
+* Every returned per-token value is replicated on all TP ranks. Gradients follow Megatron's convention for a
+  replicated loss: each rank receives d(loss)/d(its own shard), coupled to the other shards through the global
+  log-sum-exp.
+
+The full-vocabulary and log-prob gathers are custom autograd functions that walk the rows in chunks: the only
+buffer of the logits' size they allocate is the gradient itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "alpha_js")
+
+# Teacher log-probabilities are floored here wherever the divergence needs log T at a token the student can
+# sample (reverse KL): a probability of e^-10000 is zero for every practical purpose, and the floor turns a
+# masked (-inf) teacher entry into a large finite penalty instead of inf/NaN.
+TEACHER_LOG_PROB_FLOOR = -1.0e4
+
+
+# ---------------------------------------------------------------------- small helpers
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tp_rank_size(tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def _all_reduce(t: torch.Tensor, tp_group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(t, op=op, group=tp_group)
+    return t
+
+
+def resolve_divergence(divergence: str, alpha: float) -> tuple[str, float]:
+    """alpha_js at alpha 0 / 1 *is* forward / reverse KL (the mixture formula would tend to 0 there)."""
+    if divergence not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
+    if divergence == "alpha_js":
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha_js needs alpha in [0, 1], got {alpha}")
+        if alpha == 0.0:
+            return "forward_kl", 0.0
+        if alpha == 1.0:
+            return "reverse_kl", 1.0
+    return divergence, alpha
+
+
+def _local_columns(global_ids: torch.Tensor, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local column, mask of ids in this rank's shard); the column is clamped to 0 outside the shard."""
+    rank, _ = _tp_rank_size(tp_group)
+    local = global_ids - rank * vocab_local
+    in_shard = (local >= 0) & (local < vocab_local)
+    return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
+
+
+def _row_log_normalizer(z: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global row max, exp(z - max)) for rows ``z`` sharded over the TP group."""
+    row_max = z.max(dim=-1).values
+    _all_reduce(row_max, tp_group, dist.ReduceOp.MAX)
+    # A row of all -inf would make exp(-inf - -inf) = NaN; shift by 0 instead (its log-sum-exp stays -inf).
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted_exp = torch.exp(z - row_max.unsqueeze(-1))
+    return row_max, shifted_exp
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+# ---------------------------------------------------------------------- log-softmax / top-k helpers
+class _VocabParallelLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tp_group, chunk_size):
+        cd = _compute_dtype(logits)
+        lse = torch.empty(logits.shape[0], dtype=cd, device=logits.device)
+        for rows in _chunks(logits.shape[0], chunk_size):
+            z = logits[rows].to(cd)
+            row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+            sum_exp = _all_reduce(shifted_exp.sum(-1), tp_group)
+            lse[rows] = row_max + torch.log(sum_exp)
+        ctx.save_for_backward(logits, lse)
+        ctx.chunk_size = chunk_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        logits, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _chunks(logits.shape[0], ctx.chunk_size):
+            p = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1))
+            grad[rows] = (p * grad_lse[rows].unsqueeze(-1)).to(grad.dtype)
+        return grad, None, None
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, tp_group=None, chunk_size: int = 1024) -> torch.Tensor:
+    """log-softmax over the whole (sharded) vocabulary: ``[N, V_local]`` fp32, differentiable across shards."""
+    lse = _VocabParallelLogSumExp.apply(logits, tp_group, chunk_size)
+    return logits.to(lse.dtype) - lse.unsqueeze(-1)
+
+
+@torch.no_grad()
+def vocab_parallel_topk(values: torch.Tensor, k: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k over the sharded last dimension: ``(values [N, k], global ids [N, k] int64)``, identical on
+    every TP rank (all ranks select from the same gathered candidates)."""
+    rank, world = _tp_rank_size(tp_group)
+    vocab_local = values.shape[-1]
+    if k > vocab_local * world:
+        raise ValueError(f"top-k with k={k} exceeds the vocabulary size {vocab_local * world}")
+    local_k = min(k, vocab_local)
+    local_values, local_ids = values.topk(local_k, dim=-1)
+    local_ids = local_ids + rank * vocab_local
+    if world > 1:
+        gathered_values = [torch.empty_like(local_values) for _ in range(world)]
+        gathered_ids = [torch.empty_like(local_ids) for _ in range(world)]
+        dist.all_gather(gathered_values, local_values.contiguous(), group=tp_group)
+        dist.all_gather(gathered_ids, local_ids.contiguous(), group=tp_group)
+        local_values, local_ids = torch.cat(gathered_values, -1), torch.cat(gathered_ids, -1)
+    top_values, position = local_values.topk(k, dim=-1)
+    return top_values, local_ids.gather(-1, position)
+
+
+# ---------------------------------------------------------------------- results
+@dataclass
+class TokenDivergence:
+    """Per-token results, ``[N]`` each, replicated over the TP group."""
+
+    # Differentiable w.r.t. the logits; its gradient is the exact divergence gradient (for sampled_token: the
+    # score-function surrogate, whose *value* is not a divergence).
+    loss_terms: torch.Tensor
+    # Detached divergence value (sampled_token: an unbiased single-sample estimate); the metric.
+    divergence: torch.Tensor
+    student_entropy: torch.Tensor
+    # Detached log p_student(sampled token).
+    student_token_log_probs: torch.Tensor
+    # topk: detached teacher probability mass inside its top-K; None for the other scopes.
+    teacher_captured_mass: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------- full vocabulary
+def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, need_grad):
+    """One chunk of rows: returns (divergence, entropy, student token log-prob, grad or None)."""
+    row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+    token_logit = torch.where(sampled_in_shard, z.gather(-1, sampled_local.unsqueeze(-1)).squeeze(-1), 0.0)
+    has_mass = shifted_exp > 0
+    exp_times_logit = torch.where(has_mass, shifted_exp * z, 0.0).sum(-1)
+    normalizer = torch.stack([shifted_exp.sum(-1), exp_times_logit, token_logit], -1)
+    _all_reduce(normalizer, tp_group)
+    sum_exp, sum_exp_logit, token_logit = normalizer.unbind(-1)
+    lse = row_max + torch.log(sum_exp)
+    entropy = lse - sum_exp_logit / sum_exp
+    logp = z - lse.unsqueeze(-1)
+    p = shifted_exp / sum_exp.unsqueeze(-1)
+
+    if kind == "forward_kl":
+        teacher_p = torch.exp(t)
+        terms = torch.where(teacher_p > 0, teacher_p * (t - logp), 0.0)
+        reduced = torch.stack([terms.sum(-1), teacher_p.sum(-1)], -1)
+        _all_reduce(reduced, tp_group)
+        value, teacher_mass = reduced.unbind(-1)
+        grad = p * teacher_mass.unsqueeze(-1) - teacher_p if need_grad else None
+    else:
+        if kind == "reverse_kl":
+            score = logp - t.clamp(min=TEACHER_LOG_PROB_FLOOR)  # d KL(S||T) / d S_v, up to a constant
+            student_part = score
+            teacher_part = None
+        else:
+            log_mix = torch.logaddexp(t + math.log(alpha), logp + math.log1p(-alpha))
+            student_part = logp - log_mix
+            score = (1.0 - alpha) * student_part  # d JSD / d S_v (the mixture terms cancel)
+            teacher_p = torch.exp(t)
+            teacher_part = torch.where(teacher_p > 0, teacher_p * (t - log_mix), 0.0)
+        student_terms = torch.where(has_mass, p * student_part, 0.0)
+        p_score = torch.where(has_mass, p * score, 0.0)
+        if teacher_part is None:
+            value_local = student_terms.sum(-1)
+        else:
+            value_local = alpha * teacher_part.sum(-1) + (1.0 - alpha) * student_terms.sum(-1)
+        reduced = torch.stack([value_local, p_score.sum(-1)], -1)
+        _all_reduce(reduced, tp_group)
+        value, mean_score = reduced.unbind(-1)
+        # softmax chain rule: dL/dz_u = p_u (score_u - sum_v p_v score_v)
+        grad = torch.where(has_mass, p * (score - mean_score.unsqueeze(-1)), 0.0) if need_grad else None
+    return value, entropy, token_logit - lse, grad
+
+
+class _FullVocabDivergence(torch.autograd.Function):
+    """Forward computes the value and, chunk by chunk, the exact per-row gradient (one logits-sized buffer, so
+    nothing is recomputed); backward scales it by the incoming per-row gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher_log_probs, sampled_tokens, kind, alpha, tp_group, chunk_size):
+        cd = _compute_dtype(logits)
+        n = logits.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        value = torch.empty(n, dtype=cd, device=logits.device)
+        entropy = torch.empty_like(value)
+        token_log_probs = torch.empty_like(value)
+        grad = torch.empty_like(logits) if need_grad else None
+        sampled_local, sampled_in_shard = _local_columns(sampled_tokens, logits.shape[-1], tp_group)
+        for rows in _chunks(n, chunk_size):
+            v, h, lp, g = _full_vocab_chunk(
+                logits[rows].to(cd), teacher_log_probs[rows].to(cd), sampled_local[rows], sampled_in_shard[rows],
+                kind, alpha, tp_group, need_grad,
+            )
+            value[rows], entropy[rows], token_log_probs[rows] = v, h, lp
+            if need_grad:
+                grad[rows] = g.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(entropy, token_log_probs)
+        return value, entropy, token_log_probs
+
+    @staticmethod
+    def backward(ctx, grad_value, _grad_entropy, _grad_token_log_probs):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None
+
+
+def full_vocab_divergence(
+    logits: torch.Tensor,
+    sampled_tokens: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    *,
+    divergence: str,
+    alpha: float,
+    tp_group=None,
+    chunk_size: int = 1024,
+) -> TokenDivergence:
+    """Exact divergence over the whole vocabulary. ``teacher_log_probs`` ``[N, V_local]``: this shard of the
+    teacher's log-softmax (any float dtype; ``-inf`` allowed)."""
+    kind, alpha = resolve_divergence(divergence, alpha)
+    if teacher_log_probs.shape != logits.shape:
+        raise ValueError(f"teacher_log_probs has shape {tuple(teacher_log_probs.shape)}, expected the student's "
+                         f"{tuple(logits.shape)} (rows x this rank's vocabulary shard)")
+    value, entropy, token_log_probs = _FullVocabDivergence.apply(
+        logits, teacher_log_probs, sampled_tokens, kind, alpha, tp_group, chunk_size
+    )
+    return TokenDivergence(
+        loss_terms=value,
+        divergence=value.detach(),
+        student_entropy=entropy,
+        student_token_log_probs=token_log_probs,
+    )
+
+
+# ---------------------------------------------------------------------- log-probs at chosen tokens
+class _VocabParallelLogProbsAt(torch.autograd.Function):
+    """log p(ids) for ``ids [N, K]`` global vocabulary ids, plus the (detached) entropy of each row."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, tp_group, chunk_size):
+        cd = _compute_dtype(logits)
+        n = logits.shape[0]
+        local, in_shard = _local_columns(ids, logits.shape[-1], tp_group)
+        log_probs = torch.empty(ids.shape, dtype=cd, device=logits.device)
+        entropy = torch.empty(n, dtype=cd, device=logits.device)
+        lse = torch.empty(n, dtype=cd, device=logits.device)
+        for rows in _chunks(n, chunk_size):
+            z = logits[rows].to(cd)
+            row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+            exp_times_logit = torch.where(shifted_exp > 0, shifted_exp * z, 0.0).sum(-1)
+            picked = torch.where(in_shard[rows], z.gather(-1, local[rows]), 0.0)
+            reduced = torch.cat([shifted_exp.sum(-1, keepdim=True), exp_times_logit.unsqueeze(-1), picked], -1)
+            _all_reduce(reduced, tp_group)
+            lse[rows] = row_max + torch.log(reduced[:, 0])
+            entropy[rows] = lse[rows] - reduced[:, 1] / reduced[:, 0]
+            log_probs[rows] = reduced[:, 2:] - lse[rows].unsqueeze(-1)
+        ctx.save_for_backward(logits, lse, local, in_shard)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_entropy):
+        logits, lse, local, in_shard = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _chunks(logits.shape[0], ctx.chunk_size):
+            g = grad_log_probs[rows].to(lse.dtype)
+            p = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1))
+            chunk_grad = p * (-g.sum(-1, keepdim=True))
+            chunk_grad.scatter_add_(-1, local[rows], torch.where(in_shard[rows], g, 0.0))
+            grad[rows] = chunk_grad.to(grad.dtype)
+        return grad, None, None, None
+
+
+def vocab_parallel_log_probs_at(logits, ids, tp_group=None, chunk_size: int = 1024):
+    """``(log p(ids) [N, K] differentiable, entropy [N] detached)`` over the sharded vocabulary."""
+    return _VocabParallelLogProbsAt.apply(logits, ids, tp_group, chunk_size)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped so that a top-K holding (numerically) all the mass gives a finite tail."""
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=tiny))
+
+
+def _categorical_divergence(student_log_probs, teacher_log_probs, kind, alpha):
+    """Divergence between two distributions given on the same (small) categorical support, last dim."""
+    student_p = student_log_probs.exp()
+    teacher_p = teacher_log_probs.exp()
+    if kind == "forward_kl":
+        return torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - student_log_probs), 0.0).sum(-1)
+    if kind == "reverse_kl":
+        floored = teacher_log_probs.clamp(min=TEACHER_LOG_PROB_FLOOR)
+        return torch.where(student_p > 0, student_p * (student_log_probs - floored), 0.0).sum(-1)
+    log_mix = torch.logaddexp(teacher_log_probs + math.log(alpha), student_log_probs + math.log1p(-alpha))
+    teacher_part = torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - log_mix), 0.0).sum(-1)
+    student_part = torch.where(student_p > 0, student_p * (student_log_probs - log_mix), 0.0).sum(-1)
+    return alpha * teacher_part + (1.0 - alpha) * student_part
+
+
+def topk_divergence(
+    logits: torch.Tensor,
+    sampled_tokens: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    *,
+    divergence: str,
+    alpha: float,
+    tp_group=None,
+    chunk_size: int = 1024,
+) -> TokenDivergence:
+    """The divergence on the teacher's K tokens plus one tail bucket holding the remaining mass of each side.
+
+    Merging categories can only lower a KL, so this is a lower bound of the full-vocabulary value. The student's
+    log-probabilities come from its full sharded log-softmax, so the gradient reaches every logit.
+    """
+    kind, alpha = resolve_divergence(divergence, alpha)
+    n = logits.shape[0]
+    if teacher_topk_log_probs.shape != teacher_topk_indices.shape or teacher_topk_log_probs.shape[:1] != (n,):
+        raise ValueError(
+            f"teacher_topk_log_probs {tuple(teacher_topk_log_probs.shape)} and teacher_topk_indices "
+            f"{tuple(teacher_topk_indices.shape)} must both be [{n}, K]"
+        )
+    ids = torch.cat([teacher_topk_indices.long(), sampled_tokens.long().unsqueeze(-1)], -1)
+    log_probs, entropy = vocab_parallel_log_probs_at(logits, ids, tp_group, chunk_size)
+    student_topk, student_token = log_probs[:, :-1], log_probs[:, -1]
+    teacher_topk = teacher_topk_log_probs.to(log_probs.dtype)
+    teacher_tail = _log1mexp(torch.logsumexp(teacher_topk, -1, keepdim=True))
+    student_tail = _log1mexp(torch.logsumexp(student_topk, -1, keepdim=True))
+    value = _categorical_divergence(
+        torch.cat([student_topk, student_tail], -1), torch.cat([teacher_topk, teacher_tail], -1), kind, alpha
+    )
+    return TokenDivergence(
+        loss_terms=value,
+        divergence=value.detach(),
+        student_entropy=entropy,
+        student_token_log_probs=student_token.detach(),
+        teacher_captured_mass=teacher_topk.exp().sum(-1),
+    )
+
+
+# ---------------------------------------------------------------------- sampled token
+def sampled_token_divergence(
+    logits: torch.Tensor,
+    sampled_tokens: torch.Tensor,
+    teacher_token_log_probs: torch.Tensor,
+    *,
+    divergence: str,
+    alpha: float,
+    ratio_cap: float,
+    tp_group=None,
+    chunk_size: int = 1024,
+) -> TokenDivergence:
+    """Score-function surrogates that use only log S(y) and log T(y) at the student's own sampled token y ~ S.
+
+    With r = T(y) / S(y) and sg = stop-gradient, E_{y~S}[grad loss_terms] is the exact gradient of:
+    reverse_kl: ``sg(log S - log T) * log S``; alpha_js: ``(1 - alpha) sg(log S - log M) * log S`` with
+    ``log M = logaddexp(log alpha + log T, log(1 - alpha) + log S)``; forward_kl: ``-sg(min(r, ratio_cap)) * log S``
+    (exact only while r <= ratio_cap: the cap trades bias for variance).
+    Reported ``divergence`` (unbiased single-sample estimates, detached): reverse ``log S - log T``; forward
+    ``r log r - (r - 1)``; alpha_js ``alpha r (log T - log M) + (1 - alpha)(log S - log M)``.
+    """
+    kind, alpha = resolve_divergence(divergence, alpha)
+    if teacher_token_log_probs.shape != sampled_tokens.shape:
+        raise ValueError(f"teacher_token_log_probs has shape {tuple(teacher_token_log_probs.shape)}, expected "
+                         f"{tuple(sampled_tokens.shape)} (one per sampled token)")
+    if ratio_cap <= 0:
+        raise ValueError(f"ratio_cap must be > 0, got {ratio_cap}")
+    log_probs, entropy = vocab_parallel_log_probs_at(logits, sampled_tokens.long().unsqueeze(-1), tp_group, chunk_size)
+    student = log_probs.squeeze(-1)
+    s = student.detach()
+    t = teacher_token_log_probs.to(s.dtype).clamp(min=TEACHER_LOG_PROB_FLOOR)
+    log_ratio = t - s
+    if kind == "reverse_kl":
+        estimate = -log_ratio
+        loss_terms = estimate * student
+    elif kind == "forward_kl":
+        ratio = log_ratio.exp()
+        estimate = ratio * log_ratio - (ratio - 1.0)
+        loss_terms = -ratio.clamp(max=ratio_cap) * student
+    else:
+        log_mix = torch.logaddexp(t + math.log(alpha), s + math.log1p(-alpha))
+        estimate = alpha * log_ratio.exp() * (t - log_mix) + (1.0 - alpha) * (s - log_mix)
+        loss_terms = (1.0 - alpha) * (s - log_mix) * student
+    return TokenDivergence(
+        loss_terms=loss_terms,
+        divergence=estimate,
+        student_entropy=entropy,
+        student_token_log_probs=s,
+    )

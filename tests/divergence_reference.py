@@ -1,0 +1,51 @@
+"""Brute-force float64 references for the divergences, written from the definitions with no shared code.
+
+Each reference works on explicit probability vectors, one position at a time, in float64. Gradients of the
+references come from autograd through these definitions, so they check the hand-written backward passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v log(p_v / q_v), with 0 log 0 = 0; p, q probability vectors (last dim)."""
+    safe_q = torch.where(p > 0, q, torch.ones_like(q))
+    return torch.where(p > 0, p * (torch.log(torch.where(p > 0, p, torch.ones_like(p))) - torch.log(safe_q)), 0.0).sum(-1)
+
+
+def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """student, teacher: probability vectors. The convention of the project's math notes."""
+    if kind == "forward_kl" or (kind == "alpha_js" and alpha == 0.0):
+        return kl(teacher, student)
+    if kind == "reverse_kl" or (kind == "alpha_js" and alpha == 1.0):
+        return kl(student, teacher)
+    mixture = alpha * teacher + (1 - alpha) * student
+    return alpha * kl(teacher, mixture) + (1 - alpha) * kl(student, mixture)
+
+
+def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    z = logits.to(torch.float64)
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def full_vocab(logits, teacher_log_probs, kind, alpha):
+    return divergence(softmax64(logits), torch.exp(teacher_log_probs.to(torch.float64)), kind, alpha)
+
+
+def with_tail(probs_on_support: torch.Tensor) -> torch.Tensor:
+    tail = (1 - probs_on_support.sum(-1, keepdim=True)).clamp(min=0)
+    return torch.cat([probs_on_support, tail], -1)
+
+
+def topk_plus_tail(logits, teacher_topk_log_probs, teacher_topk_indices, kind, alpha):
+    student = softmax64(logits).gather(-1, teacher_topk_indices)
+    teacher = torch.exp(teacher_topk_log_probs.to(torch.float64))
+    return divergence(with_tail(student), with_tail(teacher), kind, alpha)
+
+
+def entropy(logits):
+    p = softmax64(logits)
+    return -(torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), 0.0)).sum(-1)
