@@ -85,7 +85,8 @@ def truncated_importance_weights(
     """
     if mode not in ("token", "sequence"):
         raise ValueError(f"importance correction mode must be 'token' or 'sequence', got {mode!r}")
-    log_ratio = (train_log_probs.detach().float() - rollout_log_probs.detach().float()).clamp(
+    dtype = torch.promote_types(train_log_probs.dtype, torch.float32)
+    log_ratio = (train_log_probs.detach().to(dtype) - rollout_log_probs.detach().to(dtype)).clamp(
         -_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO
     )
     ratio = log_ratio.exp()

@@ -1,0 +1,273 @@
+"""The self-distillation loss for slime's ``--loss-type custom_loss``.
+
+``--custom-loss-function-path slime_self_distill.custom_loss.self_distill_loss``
+
+slime calls ``self_distill_loss(args, batch, logits, sum_of_sample_mean)`` once per micro-batch with the packed
+``[1, T_local, V/TP]`` logits. Per sample, the response rows come from slime's own ``get_responses`` (context
+parallel layout, ``--rollout-temperature``); the teacher inputs come from the batch keys of
+``slime_self_distill.teacher_view`` in the same layout. The per-token loss is reduced with slime's
+``sum_of_sample_mean``, so slime's rescaling gives the right gradient scale for any number of samples per
+micro-batch and with ``--calculate-per-token-loss``.
+
+The computation itself (``per_token_distillation``) needs no slime: the glue only slices slime's batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.divergences import (
+    TokenDivergence,
+    full_vocab_divergence,
+    sampled_token_divergence,
+    topk_divergence,
+)
+from slime_self_distill.teacher_view import (
+    LOSS_WEIGHTS_KEY,
+    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_TOKEN_LOG_PROBS_KEY,
+    TEACHER_TOPK_INDICES_KEY,
+    TEACHER_TOPK_LOG_PROBS_KEY,
+)
+from slime_self_distill.token_filters import (
+    entropy_quantile_threshold,
+    keep_top_entropy,
+    skip_leading_tokens,
+    truncated_importance_weights,
+)
+
+
+@dataclass
+class SampleRows:
+    """One sample's response rows on this rank (context-parallel local), row for row with its logits."""
+
+    logits: torch.Tensor  # [R, V/TP], divided by the rollout temperature
+    tokens: torch.Tensor  # [R] sampled token ids (global vocabulary ids)
+    positions: torch.Tensor  # [R] position of each row in the sample's whole response (0-based)
+    valid: torch.Tensor  # [R] bool: slime's loss mask
+    weight: float  # sample weight; 0 leaves the sample out (no teacher)
+    teacher_token_log_probs: torch.Tensor  # [R]
+    teacher_topk_log_probs: Optional[torch.Tensor] = None  # [R, K]
+    teacher_topk_indices: Optional[torch.Tensor] = None  # [R, K]
+    teacher_full_log_probs: Optional[torch.Tensor] = None  # [R, V/TP]
+    rollout_log_probs: Optional[torch.Tensor] = None  # [R]
+
+
+@dataclass
+class PerTokenLoss:
+    """Flat ``[N]`` per-token tensors over the micro-batch's samples (concatenated in order)."""
+
+    terms: torch.Tensor  # differentiable, already multiplied by filters, importance and sample weights
+    metrics: dict  # name -> detached per-token tensor, each to be reduced like the loss
+
+
+def _divergence_for(sample: SampleRows, config: SelfDistillConfig, tp_group) -> TokenDivergence:
+    common = dict(divergence=config.divergence, alpha=config.alpha, tp_group=tp_group, chunk_size=config.chunk_size)
+    if config.kl_scope == "full_vocab":
+        return full_vocab_divergence(sample.logits, sample.tokens, sample.teacher_full_log_probs, **common)
+    if config.kl_scope == "topk":
+        return topk_divergence(
+            sample.logits, sample.tokens, sample.teacher_topk_log_probs, sample.teacher_topk_indices, **common
+        )
+    return sampled_token_divergence(
+        sample.logits, sample.tokens, sample.teacher_token_log_probs, ratio_cap=config.sampled_ratio_cap, **common
+    )
+
+
+def per_token_distillation(
+    samples: Sequence[SampleRows],
+    config: SelfDistillConfig,
+    *,
+    tp_group=None,
+    data_parallel_group=None,
+    context_parallel_group=None,
+) -> PerTokenLoss:
+    """The weighted per-token loss terms and per-token metrics of one micro-batch.
+
+    ``data_parallel_group`` (data parallel with context parallel) pools the entropy threshold;
+    ``context_parallel_group`` completes per-sequence importance weights. Both are collectives that every rank
+    of the group runs once per micro-batch, whatever its samples.
+    """
+    results = [_divergence_for(s, config, tp_group) for s in samples]
+    lengths = [s.tokens.shape[0] for s in samples]
+    device = samples[0].logits.device if samples else torch.device("cpu")
+
+    def cat(values, dtype=None):
+        if not values:
+            return torch.zeros(0, dtype=dtype or torch.float32, device=device)
+        return torch.cat([v.reshape(-1) for v in values])
+
+    terms = cat([r.loss_terms for r in results])
+    divergence = cat([r.divergence for r in results])
+    entropy = cat([r.student_entropy for r in results])
+    student_token = cat([r.student_token_log_probs for r in results])
+    teacher_token = cat([s.teacher_token_log_probs.to(student_token.dtype) for s in samples])
+    valid = cat([s.valid.bool() for s in samples], torch.bool)
+    sample_weight = cat(
+        [torch.full((n,), float(s.weight), dtype=terms.dtype, device=device) for s, n in zip(samples, lengths)]
+    )
+    has_teacher = sample_weight > 0
+
+    keep = skip_leading_tokens(cat([s.positions for s in samples], torch.long), config.num_loss_tokens_to_skip)
+    threshold = entropy_quantile_threshold(
+        entropy, keep & valid & has_teacher, config.top_entropy_quantile, data_parallel_group
+    )
+    keep = keep & keep_top_entropy(entropy, threshold)
+
+    if config.importance_correction == "off":
+        importance = torch.ones_like(terms.detach())
+    else:
+        if any(s.rollout_log_probs is None for s in samples):
+            raise ConfigError(
+                f"{flag_name('importance_correction')} {config.importance_correction} needs the rollout engine's "
+                "log-probabilities, but slime sent no rollout_log_probs; make the rollout return log-probs or set "
+                f"{flag_name('importance_correction')} off"
+            )
+        importance = truncated_importance_weights(
+            student_token,
+            cat([s.rollout_log_probs for s in samples]),
+            mode=config.importance_correction,
+            cap=config.importance_cap,
+            valid=valid,
+            sample_lengths=lengths,
+            group=context_parallel_group,
+        ).to(terms.dtype)
+
+    token_weight = keep.to(terms.dtype) * importance * sample_weight
+    # where(), not a product alone: a masked-out row must not turn a non-finite term into NaN.
+    weighted = torch.where(token_weight > 0, terms * token_weight, torch.zeros_like(terms))
+    # Metrics are reduced like the loss, so they average over the samples that have a teacher.
+    present = sample_weight
+    metrics = {
+        f"self_distill_{config.kl_scope}_{config.divergence}": divergence * present,
+        "self_distill_student_entropy": entropy * present,
+        "self_distill_kept_fraction": keep.to(terms.dtype) * present,
+        "self_distill_importance_weight": importance * present,
+        "self_distill_teacher_minus_student_log_prob": (teacher_token - student_token) * present,
+    }
+    if config.kl_scope == "topk":
+        metrics["self_distill_teacher_captured_mass"] = cat([r.teacher_captured_mass for r in results]) * present
+    return PerTokenLoss(terms=weighted, metrics=metrics)
+
+
+def reduce_per_token_loss(
+    per_token: PerTokenLoss, sum_of_sample_mean: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """slime's reduction; a micro-batch without rows still returns a zero loss connected to ``logits``."""
+    if per_token.terms.numel() == 0:
+        loss = 0.0 * logits.sum()
+        metrics = {name: loss.detach().clone() for name in per_token.metrics}
+    else:
+        loss = sum_of_sample_mean(per_token.terms)
+        metrics = {name: sum_of_sample_mean(value.detach()).detach() for name, value in per_token.metrics.items()}
+    return loss, {"loss": loss.detach().clone(), **metrics}
+
+
+# ---------------------------------------------------------------------- slime glue
+_config_cache: dict = {}
+
+
+def _config(args) -> SelfDistillConfig:
+    key = id(args)
+    if key not in _config_cache:
+        _config_cache.clear()  # one args object per process
+        _config_cache[key] = SelfDistillConfig.from_args(args)
+    return _config_cache[key]
+
+
+def _required_teacher_keys(config: SelfDistillConfig) -> list[str]:
+    keys = [TEACHER_TOKEN_LOG_PROBS_KEY]
+    if config.kl_scope == "topk":
+        keys += [TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY]
+    elif config.kl_scope == "full_vocab":
+        keys.append(TEACHER_FULL_LOG_PROBS_KEY)
+    return keys
+
+
+def _checked_teacher_input(batch: dict, key: str, index: int, expected: tuple, device) -> torch.Tensor:
+    if key not in batch or batch[key] is None:
+        raise KeyError(
+            f"self-distillation loss: batch key {key!r} is missing (needed for every sample, expected shape "
+            f"{expected} for sample {index}); the teacher pass installed by --custom-megatron-init-path "
+            "slime_self_distill.megatron_hooks.install produces it"
+        )
+    values = batch[key]
+    if index >= len(values):
+        raise ValueError(f"self-distillation loss: batch key {key!r} has {len(values)} entries, sample {index} has none")
+    value = values[index]
+    shape = tuple(value.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        raise ValueError(
+            f"self-distillation loss: batch key {key!r} of sample {index} has shape {shape}, expected "
+            f"{tuple('K' if e is None else e for e in expected)} (the student's response rows on this rank)"
+        )
+    return value.to(device, non_blocking=True)
+
+
+def _parallel_groups():
+    from megatron.core import mpu
+
+    tp = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
+    cp = mpu.get_context_parallel_group() if mpu.get_context_parallel_world_size() > 1 else None
+    dp = mpu.get_data_parallel_group(with_context_parallel=True)
+    return tp, dp, cp
+
+
+def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mean) -> tuple[torch.Tensor, dict]:
+    """slime's custom-loss entry point: ``(loss, metrics)`` for one micro-batch."""
+    from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
+    from slime.backends.megatron_utils.loss import get_responses
+
+    config = _config(args)
+    tp_group, dp_group, cp_group = _parallel_groups()
+    total_lengths, response_lengths = batch["total_lengths"], batch["response_lengths"]
+    weights = batch.get(LOSS_WEIGHTS_KEY)
+    rollout_log_probs = batch.get("rollout_log_probs")
+    keys = _required_teacher_keys(config)
+
+    samples = []
+    responses = get_responses(
+        logits,
+        args=args,
+        unconcat_tokens=batch["unconcat_tokens"],
+        total_lengths=total_lengths,
+        response_lengths=response_lengths,
+    )
+    for i, (rows, tokens) in enumerate(responses):
+        r, v = rows.shape
+        expected = {
+            TEACHER_TOKEN_LOG_PROBS_KEY: (r,),
+            TEACHER_TOPK_LOG_PROBS_KEY: (r, None),
+            TEACHER_TOPK_INDICES_KEY: (r, None),
+            TEACHER_FULL_LOG_PROBS_KEY: (r, v),
+        }
+        teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
+        response_length = response_lengths[i]
+        positions = torch.arange(response_length, device=rows.device)
+        weight = 1.0 if weights is None else float(weights[i])
+        if args.calculate_per_token_loss:
+            weight = float(weight > 0)  # slime's token count is the denominator: only exclusion applies
+        samples.append(
+            SampleRows(
+                logits=rows,
+                tokens=tokens,
+                positions=slice_log_prob_with_cp(positions, total_lengths[i], response_length),
+                valid=slice_log_prob_with_cp(batch["loss_masks"][i], total_lengths[i], response_length)
+                .to(rows.device)
+                .bool(),
+                weight=weight,
+                teacher_token_log_probs=teacher[TEACHER_TOKEN_LOG_PROBS_KEY],
+                teacher_topk_log_probs=teacher.get(TEACHER_TOPK_LOG_PROBS_KEY),
+                teacher_topk_indices=teacher.get(TEACHER_TOPK_INDICES_KEY),
+                teacher_full_log_probs=teacher.get(TEACHER_FULL_LOG_PROBS_KEY),
+                rollout_log_probs=None if rollout_log_probs is None else rollout_log_probs[i].to(rows.device),
+            )
+        )
+    per_token = per_token_distillation(
+        samples, config, tp_group=tp_group, data_parallel_group=dp_group, context_parallel_group=cp_group
+    )
+    return reduce_per_token_loss(per_token, sum_of_sample_mean, logits)

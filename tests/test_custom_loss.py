@@ -1,0 +1,248 @@
+"""The loss entry point: filters, weights and slime's reduction against a brute-force float64 reference, and
+through slime's real loss_function / get_responses / get_sum_of_sample_mean on CPU when slime is importable."""
+
+import math
+from argparse import Namespace
+
+import pytest
+import torch
+
+from slime_self_distill.config import ConfigError, SelfDistillConfig
+from slime_self_distill.custom_loss import SampleRows, per_token_distillation, reduce_per_token_loss
+from tests import divergence_reference as ref
+from tests.slime_support import SKIP_REASON, SLIME_AVAILABLE
+
+VOCAB = 16
+
+
+def make_sample(seed, length, *, weight=1.0, topk=4):
+    g = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(length, VOCAB, generator=g, dtype=torch.float64)).requires_grad_(True)
+    teacher = torch.log_softmax(2 * torch.randn(length, VOCAB, generator=g, dtype=torch.float64), -1)
+    tokens = torch.randint(0, VOCAB, (length,), generator=g)
+    values, ids = teacher.topk(topk, -1)
+    return SampleRows(
+        logits=logits,
+        tokens=tokens,
+        positions=torch.arange(length),
+        valid=torch.rand(length, generator=g) > 0.25,
+        weight=weight,
+        teacher_token_log_probs=teacher.gather(-1, tokens[:, None]).squeeze(-1),
+        teacher_topk_log_probs=values,
+        teacher_topk_indices=ids,
+        teacher_full_log_probs=teacher,
+        rollout_log_probs=torch.log_softmax(logits.detach(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+        + 0.4 * torch.randn(length, generator=g, dtype=torch.float64),
+    )
+
+
+def per_sample_mean(lengths, masks):
+    """slime's per-sample-mean reducer, written out (sum over samples of each sample's masked mean)."""
+
+    def reduce(x):
+        total, start = 0.0, 0
+        for n, m in zip(lengths, masks):
+            total = total + (x[start:start + n] * m).sum() / max(int(m.sum()), 1)
+            start += n
+        return total
+
+    return reduce
+
+
+def brute_force_loss(samples, config):
+    """float64 loop over samples and tokens, from the definitions: filters, importance weights, sample weights."""
+    entropies = [ref.entropy(s.logits) for s in samples]
+    candidates = [e for s, ent in zip(samples, entropies) if s.weight > 0
+                  for e, p, v in zip(ent.tolist(), s.positions.tolist(), s.valid.tolist())
+                  if v and p >= config.num_loss_tokens_to_skip]
+    threshold = -math.inf
+    if config.top_entropy_quantile < 1 and candidates:
+        threshold = sorted(candidates, reverse=True)[math.ceil(config.top_entropy_quantile * len(candidates)) - 1]
+    total = 0.0
+    for s, ent in zip(samples, entropies):
+        if config.kl_scope == "full_vocab":
+            d = ref.full_vocab(s.logits, s.teacher_full_log_probs, config.divergence, config.alpha)
+        else:
+            d = ref.topk_plus_tail(s.logits, s.teacher_topk_log_probs, s.teacher_topk_indices, config.divergence,
+                                   config.alpha)
+        student_token = torch.log(ref.softmax64(s.logits.detach())).gather(-1, s.tokens[:, None]).squeeze(-1)
+        ratios = [math.exp(a - b) for a, b in zip(student_token.tolist(), s.rollout_log_probs.tolist())]
+        valid_ratios = [r for r, v in zip(ratios, s.valid.tolist()) if v]
+        sequence_weight = min(sum(valid_ratios) / max(len(valid_ratios), 1), config.importance_cap)
+        numerator = 0.0
+        for t in range(len(s.tokens)):
+            if not s.valid[t] or s.positions[t] < config.num_loss_tokens_to_skip or ent[t] < threshold:
+                continue
+            w = {"off": 1.0, "token": min(ratios[t], config.importance_cap), "sequence": sequence_weight}[
+                config.importance_correction]
+            numerator = numerator + w * d[t]
+        total = total + s.weight * numerator / max(int(s.valid.sum()), 1)
+    return total
+
+
+CONFIGS = [
+    SelfDistillConfig(kl_scope="full_vocab", divergence="forward_kl", num_loss_tokens_to_skip=3,
+                      importance_correction="sequence", importance_cap=2.0),
+    SelfDistillConfig(kl_scope="full_vocab", divergence="alpha_js", alpha=0.3, top_entropy_quantile=0.5),
+    SelfDistillConfig(kl_scope="topk", divergence="reverse_kl", importance_correction="token", importance_cap=1.3),
+    SelfDistillConfig(kl_scope="topk", divergence="alpha_js", alpha=0.5, top_entropy_quantile=0.3,
+                      num_loss_tokens_to_skip=1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kl_scope}-{c.divergence}")
+def test_micro_batch_loss_matches_brute_force(config):
+    samples = [make_sample(1, 9, weight=1.5), make_sample(2, 5, weight=0.0), make_sample(3, 12, weight=1.5),
+               make_sample(4, 1, weight=1.5)]
+    lengths = [len(s.tokens) for s in samples]
+    reducer = per_sample_mean(lengths, [s.valid.double() for s in samples])
+    any_logits = samples[0].logits
+    loss, metrics = reduce_per_token_loss(per_token_distillation(samples, config), reducer, any_logits)
+    expected = brute_force_loss(samples, config)
+    torch.testing.assert_close(loss, expected.detach() if torch.is_tensor(expected) else torch.tensor(expected))
+    for s in samples:
+        got = torch.autograd.grad(loss, s.logits, retain_graph=True, allow_unused=True)[0]
+        want = torch.autograd.grad(expected, s.logits, retain_graph=True, allow_unused=True)[0]
+        want = torch.zeros_like(s.logits) if want is None else want  # every token of the sample filtered out
+        if s.weight == 0:
+            assert got is None or torch.count_nonzero(got) == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+    assert set(metrics) >= {"loss", "self_distill_student_entropy", "self_distill_kept_fraction",
+                            "self_distill_importance_weight", "self_distill_teacher_minus_student_log_prob",
+                            f"self_distill_{config.kl_scope}_{config.divergence}"}
+    assert ("self_distill_teacher_captured_mass" in metrics) == (config.kl_scope == "topk")
+    assert all(not v.requires_grad and torch.isfinite(v) for v in metrics.values())
+
+
+def test_sample_without_teacher_changes_nothing():
+    config = CONFIGS[0]
+    with_teacher = [make_sample(1, 9, weight=2.0), make_sample(3, 7, weight=2.0)]
+    lengths = [9, 7]
+    reducer = per_sample_mean(lengths, [s.valid.double() for s in with_teacher])
+    base, _ = reduce_per_token_loss(per_token_distillation(with_teacher, config), reducer, with_teacher[0].logits)
+    excluded = make_sample(9, 6, weight=0.0)
+    excluded.teacher_full_log_probs = torch.full_like(excluded.teacher_full_log_probs, -math.inf)
+    samples = [with_teacher[0], excluded, with_teacher[1]]
+    reducer = per_sample_mean([9, 6, 7], [s.valid.double() for s in samples])
+    loss, _ = reduce_per_token_loss(per_token_distillation(samples, config), reducer, samples[0].logits)
+    torch.testing.assert_close(loss, base)
+
+
+def test_empty_micro_batch_gives_a_zero_loss_connected_to_logits():
+    logits = torch.randn(1, 0, VOCAB, requires_grad=True)
+    loss, metrics = reduce_per_token_loss(per_token_distillation([], SelfDistillConfig()), lambda x: x.sum(), logits)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and metrics["loss"].item() == 0.0
+    sample = make_sample(5, 0)
+    loss, _ = reduce_per_token_loss(per_token_distillation([sample], SelfDistillConfig()), lambda x: x.sum(),
+                                    sample.logits)
+    assert loss.item() == 0.0
+
+
+def test_importance_correction_without_rollout_log_probs_is_an_error():
+    sample = make_sample(1, 4)
+    sample.rollout_log_probs = None
+    with pytest.raises(ConfigError, match="--self-distill-importance-correction"):
+        per_token_distillation([sample], SelfDistillConfig(importance_correction="token"))
+
+
+# ---------------------------------------------------------------------- through slime's real loss_function
+@pytest.fixture
+def slime_loss_env():
+    from tests.slime_cpu_harness import free_port, import_slime_megatron, init_gloo
+
+    modules = import_slime_megatron()
+    from megatron.core import mpu
+
+    init_gloo(0, 1, free_port())
+    mpu.initialize_model_parallel(1, 1)
+    yield modules
+    mpu.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def _slime_case(per_token: bool, config: SelfDistillConfig):
+    """Three samples packed in one micro-batch, the middle one without a teacher."""
+    g = torch.Generator().manual_seed(21)
+    prompts, responses = [3, 5, 2], [6, 4, 7]
+    weights = [1.5, 0.0, 1.5]
+    rows, unconcat, masks, teacher_full, teacher_token, topk_values, topk_ids = [], [], [], [], [], [], []
+    for p, r in zip(prompts, responses):
+        tokens = torch.randint(0, VOCAB, (p + r,), generator=g)
+        unconcat.append(tokens)
+        rows.append(torch.randn(p + r, VOCAB, generator=g))
+        masks.append((torch.rand(r, generator=g) > 0.2).int())
+        t = torch.log_softmax(torch.randn(r, VOCAB, generator=g), -1)
+        teacher_full.append(t)
+        teacher_token.append(t.gather(-1, tokens[-r:, None]).squeeze(-1))
+        v, i = t.topk(5, -1)
+        topk_values.append(v)
+        topk_ids.append(i)
+    logits = torch.cat(rows).unsqueeze(0).requires_grad_(True)
+    args = Namespace(
+        loss_type="custom_loss", custom_loss_function_path="slime_self_distill.custom_loss.self_distill_loss",
+        calculate_per_token_loss=per_token, recompute_loss_function=False, allgather_cp=False, rollout_temperature=0.8,
+        **config.to_args_dict(),
+    )
+    batch = {
+        "unconcat_tokens": unconcat, "total_lengths": [p + r for p, r in zip(prompts, responses)],
+        "response_lengths": responses, "loss_masks": masks, "rollout_mask_sums": None,
+        "teacher_log_probs": teacher_token, "teacher_full_log_probs": teacher_full,
+        "teacher_topk_log_probs": topk_values, "teacher_topk_indices": topk_ids,
+        "self_distill_loss_weights": weights,
+    }
+    return args, batch, logits, prompts, responses, weights
+
+
+@pytest.mark.slime
+@pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("scope", ["full_vocab", "topk"])
+def test_through_slime_loss_function(slime_loss_env, per_token, scope):
+    config = SelfDistillConfig(kl_scope=scope, divergence="alpha_js", alpha=0.3, num_loss_tokens_to_skip=1)
+    args, batch, logits, prompts, responses, weights = _slime_case(per_token, config)
+    num_microbatches, step_global_batch_size = 2, 6
+    loss, normalizer, log = slime_loss_env.loss.loss_function(args, batch, num_microbatches, step_global_batch_size,
+                                                              logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    exact = logits.detach().double().requires_grad_(True)
+    expected, start, token_count = 0.0, 0, 0
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        student_rows = exact[0, start + p - 1:start + p + r - 1] / args.rollout_temperature
+        if scope == "full_vocab":
+            d = ref.full_vocab(student_rows, batch["teacher_full_log_probs"][i].double(), "alpha_js", 0.3)
+        else:
+            d = ref.topk_plus_tail(student_rows, batch["teacher_topk_log_probs"][i].double(),
+                                   batch["teacher_topk_indices"][i], "alpha_js", 0.3)
+        mask = batch["loss_masks"][i].double() * (torch.arange(r) >= 1)
+        numerator = (d * mask).sum()
+        if per_token:
+            expected = expected + (weights[i] > 0) * numerator
+        else:
+            expected = expected + weights[i] * numerator / max(int(batch["loss_masks"][i].sum()), 1)
+        token_count += max(int(batch["loss_masks"][i].sum()), 1)
+        start += p + r
+    if not per_token:
+        expected = expected * num_microbatches / step_global_batch_size  # slime's scale (dp size 1)
+    (expected_grad,) = torch.autograd.grad(expected, exact)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+    if per_token:
+        assert int(normalizer) == token_count
+    assert "self_distill_student_entropy" in log["keys"]
+
+
+@pytest.mark.slime
+@pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)
+def test_missing_or_misshaped_teacher_input_names_key_and_sample(slime_loss_env):
+    config = SelfDistillConfig(kl_scope="full_vocab")
+    args, batch, logits, *_ = _slime_case(False, config)
+    batch_without = {k: v for k, v in batch.items() if k != "teacher_full_log_probs"}
+    with pytest.raises(KeyError, match="teacher_full_log_probs"):
+        slime_loss_env.loss.loss_function(args, batch_without, 1, 3, logits)
+    batch["teacher_full_log_probs"] = [t[:, :-1] for t in batch["teacher_full_log_probs"]]
+    with pytest.raises(ValueError, match=r"'teacher_full_log_probs' of sample 0 has shape \(6, 15\), expected \(6, 16\)"):
+        slime_loss_env.loss.loss_function(args, batch, 1, 3, logits)
+
