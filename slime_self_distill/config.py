@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from slime_self_distill.divergences import DEFAULT_CHUNK_SIZE
+
 ARG_PREFIX = "self_distill_"
 
 KL_SCOPES = ("full_vocab", "topk", "sampled_token")
@@ -146,7 +148,7 @@ class SelfDistillConfig:
         ),
     )
     chunk_size: int = field(
-        default=1024,
+        default=DEFAULT_CHUNK_SIZE,
         metadata=_knob(
             "Rows (completion tokens) per chunk of the full-vocabulary and top-K computations; peak extra memory "
             "is a small multiple of chunk_size x vocabulary shard (>= 1)."
@@ -285,6 +287,6 @@ def _validate(c: SelfDistillConfig) -> None:
         _fail("teacher_overflow", "'truncate_demonstration' needs a budget",
               f"also set {flag_name('max_teacher_prompt_len')}")
     if c.chunk_size < 1:
-        _fail("chunk_size", f"got {c.chunk_size}", "use a positive number of rows (e.g. 1024)")
+        _fail("chunk_size", f"got {c.chunk_size}", "use a positive number of rows (e.g. 256)")
     if c.host_memory_budget_gb is not None and c.host_memory_budget_gb <= 0:
         _fail("host_memory_budget_gb", f"got {c.host_memory_budget_gb}", "use a positive size in GiB or leave it unset")

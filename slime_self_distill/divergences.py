@@ -29,6 +29,10 @@ import torch.distributed as dist
 
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "alpha_js")
 
+# Rows per chunk. Small enough that a chunk's fp32 temporaries (rows x V_local) stay a small fraction of the
+# logits, large enough to amortize the per-chunk collectives (benchmarks/bench_loss.py measures the trade-off).
+DEFAULT_CHUNK_SIZE = 256
+
 # Teacher log-probabilities are floored here wherever the divergence needs log T at a token the student can
 # sample (reverse KL): a probability of e^-10000 is zero for every practical purpose, and the floor turns a
 # masked (-inf) teacher entry into a large finite penalty instead of inf/NaN.
@@ -74,14 +78,31 @@ def _local_columns(global_ids: torch.Tensor, vocab_local: int, tp_group) -> tupl
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
 
 
-def _row_log_normalizer(z: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_log_normalizer(z: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
     """(global row max, exp(z - max)) for rows ``z`` sharded over the TP group."""
     row_max = z.max(dim=-1).values
     _all_reduce(row_max, tp_group, dist.ReduceOp.MAX)
     # A row of all -inf would make exp(-inf - -inf) = NaN; shift by 0 instead (its log-sum-exp stays -inf).
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted_exp = torch.exp(z - row_max.unsqueeze(-1))
-    return row_max, shifted_exp
+    shifted_exp = z - row_max.unsqueeze(-1)
+    return row_max, shifted_exp.exp_()
+
+
+def _row_dot_and_repaired_rows(weights: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_v weights_v * values_v per row with 0 * (+-inf) = 0, mask of the rows that met 0 * inf).
+
+    The fused dot product allocates nothing; only rows where it meets 0 * inf (NaN) are redone elementwise.
+    """
+    dot = torch.linalg.vecdot(weights, values)
+    bad = torch.isnan(dot)
+    if bad.any():
+        w, v = weights[bad], values[bad]
+        dot[bad] = torch.where(w != 0, w * v, torch.zeros_like(v)).sum(-1)
+    return dot, bad
+
+
+def _row_dot(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return _row_dot_and_repaired_rows(weights, values)[0]
 
 
 def _chunks(n: int, chunk_size: int):
@@ -114,7 +135,9 @@ class _VocabParallelLogSumExp(torch.autograd.Function):
         return grad, None, None
 
 
-def vocab_parallel_log_softmax(logits: torch.Tensor, tp_group=None, chunk_size: int = 1024) -> torch.Tensor:
+def vocab_parallel_log_softmax(
+    logits: torch.Tensor, tp_group=None, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
     """log-softmax over the whole (sharded) vocabulary: ``[N, V_local]`` fp32, differentiable across shards."""
     lse = _VocabParallelLogSumExp.apply(logits, tp_group, chunk_size)
     return logits.to(lse.dtype) - lse.unsqueeze(-1)
@@ -159,50 +182,63 @@ class TokenDivergence:
 
 
 # ---------------------------------------------------------------------- full vocabulary
-def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, need_grad):
-    """One chunk of rows: returns (divergence, entropy, student token log-prob, grad or None)."""
-    row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, grad_out):
+    """One chunk of rows: returns (divergence, entropy, student token log-prob); writes the gradient of the
+    divergence w.r.t. ``z`` into ``grad_out`` when given. Buffers are reused in place: this loop is memory-bound."""
+    row_max, p = _row_log_normalizer(z, tp_group)  # p holds exp(z - max) until normalized below
     token_logit = torch.where(sampled_in_shard, z.gather(-1, sampled_local.unsqueeze(-1)).squeeze(-1), 0.0)
-    has_mass = shifted_exp > 0
-    exp_times_logit = torch.where(has_mass, shifted_exp * z, 0.0).sum(-1)
-    normalizer = torch.stack([shifted_exp.sum(-1), exp_times_logit, token_logit], -1)
+    # NaN-repaired rows are those with a -inf logit (exp(-inf) = 0): their gradient needs the same care below.
+    exp_dot_logit, student_has_neg_inf = _row_dot_and_repaired_rows(p, z)
+    normalizer_local_sum = p.sum(-1)
+    normalizer = torch.stack([normalizer_local_sum, exp_dot_logit, token_logit], -1)
     _all_reduce(normalizer, tp_group)
     sum_exp, sum_exp_logit, token_logit = normalizer.unbind(-1)
     lse = row_max + torch.log(sum_exp)
     entropy = lse - sum_exp_logit / sum_exp
-    logp = z - lse.unsqueeze(-1)
-    p = shifted_exp / sum_exp.unsqueeze(-1)
+    p.div_(sum_exp.unsqueeze(-1))
 
     if kind == "forward_kl":
-        teacher_p = torch.exp(t)
-        terms = torch.where(teacher_p > 0, teacher_p * (t - logp), 0.0)
-        reduced = torch.stack([terms.sum(-1), teacher_p.sum(-1)], -1)
+        teacher_p = t.exp()
+        # sum_v T_v (t_v - log p_v) with log p_v = z_v - lse, without materializing log p
+        teacher_mass = teacher_p.sum(-1)
+        cross = _row_dot(teacher_p, t) - _row_dot(teacher_p, z)
+        reduced = torch.stack([cross, teacher_mass], -1)
         _all_reduce(reduced, tp_group)
-        value, teacher_mass = reduced.unbind(-1)
-        grad = p * teacher_mass.unsqueeze(-1) - teacher_p if need_grad else None
-    else:
-        if kind == "reverse_kl":
-            score = logp - t.clamp(min=TEACHER_LOG_PROB_FLOOR)  # d KL(S||T) / d S_v, up to a constant
-            student_part = score
-            teacher_part = None
-        else:
-            log_mix = torch.logaddexp(t + math.log(alpha), logp + math.log1p(-alpha))
-            student_part = logp - log_mix
-            score = (1.0 - alpha) * student_part  # d JSD / d S_v (the mixture terms cancel)
-            teacher_p = torch.exp(t)
-            teacher_part = torch.where(teacher_p > 0, teacher_p * (t - log_mix), 0.0)
-        student_terms = torch.where(has_mass, p * student_part, 0.0)
-        p_score = torch.where(has_mass, p * score, 0.0)
-        if teacher_part is None:
-            value_local = student_terms.sum(-1)
-        else:
-            value_local = alpha * teacher_part.sum(-1) + (1.0 - alpha) * student_terms.sum(-1)
-        reduced = torch.stack([value_local, p_score.sum(-1)], -1)
+        cross, teacher_mass = reduced.unbind(-1)
+        if grad_out is not None:  # d/dz of -sum_v T_v log p_v = p * sum(T) - T
+            torch.mul(p, teacher_mass.unsqueeze(-1), out=grad_out).sub_(teacher_p)
+        return cross + lse * teacher_mass, entropy, token_logit - lse
+
+    if kind == "reverse_kl":
+        score = z - lse.unsqueeze(-1)
+        score.sub_(torch.clamp(t, min=TEACHER_LOG_PROB_FLOOR))  # d KL(S||T) / d S_v, up to a constant
+        value = _row_dot(p, score)
+        reduced = torch.stack([value, value], -1)
         _all_reduce(reduced, tp_group)
         value, mean_score = reduced.unbind(-1)
-        # softmax chain rule: dL/dz_u = p_u (score_u - sum_v p_v score_v)
-        grad = torch.where(has_mass, p * (score - mean_score.unsqueeze(-1)), 0.0) if need_grad else None
-    return value, entropy, token_logit - lse, grad
+        score_scale = 1.0
+    else:
+        teacher_p = t.exp()
+        # M = alpha T + (1 - alpha) p, floored at the smallest normal float where both probabilities have
+        # underflowed (every term they weight is zero anyway).
+        log_mix = torch.lerp(p, teacher_p, alpha).clamp_(min=torch.finfo(p.dtype).tiny).log_()
+        teacher_part = _row_dot(teacher_p, t) - _row_dot(teacher_p, log_mix)
+        # d JSD / d S_v = (1 - alpha)(log p - log M) = (1 - alpha)(score - lse) with score = z - log M
+        score = torch.sub(z, log_mix, out=log_mix)
+        local_mass = normalizer_local_sum / sum_exp  # this shard's share of the student's probability
+        reduced = torch.stack([teacher_part, _row_dot(p, score) - lse * local_mass], -1)
+        _all_reduce(reduced, tp_group)
+        teacher_part, mean_log_ratio = reduced.unbind(-1)
+        value = alpha * teacher_part + (1.0 - alpha) * mean_log_ratio
+        mean_score = lse + mean_log_ratio  # so that score - mean_score = (log p - log M) - mean
+        score_scale = 1.0 - alpha
+    if grad_out is not None:  # softmax chain rule: dL/dz_u = p_u (score_u - sum_v p_v score_v)
+        torch.mul(p, score.sub_(mean_score.unsqueeze(-1)), out=grad_out)
+        if score_scale != 1.0:
+            grad_out.mul_(score_scale)
+        if student_has_neg_inf.any():  # 0 * (-inf) at logits that are -inf: their gradient is 0
+            grad_out[student_has_neg_inf] = torch.nan_to_num(grad_out[student_has_neg_inf], nan=0.0)
+    return value, entropy, token_logit - lse
 
 
 class _FullVocabDivergence(torch.autograd.Function):
@@ -220,13 +256,15 @@ class _FullVocabDivergence(torch.autograd.Function):
         grad = torch.empty_like(logits) if need_grad else None
         sampled_local, sampled_in_shard = _local_columns(sampled_tokens, logits.shape[-1], tp_group)
         for rows in _chunks(n, chunk_size):
-            v, h, lp, g = _full_vocab_chunk(
-                logits[rows].to(cd), teacher_log_probs[rows].to(cd), sampled_local[rows], sampled_in_shard[rows],
-                kind, alpha, tp_group, need_grad,
-            )
-            value[rows], entropy[rows], token_log_probs[rows] = v, h, lp
+            grad_rows = None
             if need_grad:
-                grad[rows] = g.to(grad.dtype)
+                grad_rows = grad[rows] if grad.dtype == cd else torch.empty(grad[rows].shape, dtype=cd)
+            value[rows], entropy[rows], token_log_probs[rows] = _full_vocab_chunk(
+                logits[rows].to(cd), teacher_log_probs[rows].to(cd), sampled_local[rows], sampled_in_shard[rows],
+                kind, alpha, tp_group, grad_rows,
+            )
+            if need_grad and grad_rows.dtype != grad.dtype:
+                grad[rows] = grad_rows
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(entropy, token_log_probs)
         return value, entropy, token_log_probs
@@ -245,7 +283,7 @@ def full_vocab_divergence(
     divergence: str,
     alpha: float,
     tp_group=None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> TokenDivergence:
     """Exact divergence over the whole vocabulary. ``teacher_log_probs`` ``[N, V_local]``: this shard of the
     teacher's log-softmax (any float dtype; ``-inf`` allowed)."""
@@ -279,7 +317,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         for rows in _chunks(n, chunk_size):
             z = logits[rows].to(cd)
             row_max, shifted_exp = _row_log_normalizer(z, tp_group)
-            exp_times_logit = torch.where(shifted_exp > 0, shifted_exp * z, 0.0).sum(-1)
+            exp_times_logit = _row_dot(shifted_exp, z)
             picked = torch.where(in_shard[rows], z.gather(-1, local[rows]), 0.0)
             reduced = torch.cat([shifted_exp.sum(-1, keepdim=True), exp_times_logit.unsqueeze(-1), picked], -1)
             _all_reduce(reduced, tp_group)
@@ -297,14 +335,17 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for rows in _chunks(logits.shape[0], ctx.chunk_size):
             g = grad_log_probs[rows].to(lse.dtype)
-            p = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1))
-            chunk_grad = p * (-g.sum(-1, keepdim=True))
+            # d log p_k / dz = onehot_k - p, built in place in the gradient buffer when the dtypes allow
+            chunk_grad = grad[rows] if grad.dtype == lse.dtype else torch.empty(grad[rows].shape, dtype=lse.dtype)
+            torch.sub(logits[rows].to(lse.dtype), lse[rows].unsqueeze(-1), out=chunk_grad).exp_()
+            chunk_grad.mul_(-g.sum(-1, keepdim=True))
             chunk_grad.scatter_add_(-1, local[rows], torch.where(in_shard[rows], g, 0.0))
-            grad[rows] = chunk_grad.to(grad.dtype)
+            if chunk_grad.dtype != grad.dtype:
+                grad[rows] = chunk_grad
         return grad, None, None, None
 
 
-def vocab_parallel_log_probs_at(logits, ids, tp_group=None, chunk_size: int = 1024):
+def vocab_parallel_log_probs_at(logits, ids, tp_group=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """``(log p(ids) [N, K] differentiable, entropy [N] detached)`` over the sharded vocabulary."""
     return _VocabParallelLogProbsAt.apply(logits, ids, tp_group, chunk_size)
 
@@ -339,7 +380,7 @@ def topk_divergence(
     divergence: str,
     alpha: float,
     tp_group=None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> TokenDivergence:
     """The divergence on the teacher's K tokens plus one tail bucket holding the remaining mass of each side.
 
@@ -381,7 +422,7 @@ def sampled_token_divergence(
     alpha: float,
     ratio_cap: float,
     tp_group=None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> TokenDivergence:
     """Score-function surrogates that use only log S(y) and log T(y) at the student's own sampled token y ~ S.
 
