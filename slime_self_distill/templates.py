@@ -1,0 +1,183 @@
+"""Teacher prompt templates, and rendering of prompts exactly as slime's ``Dataset`` renders them.
+
+A template is a ``str.format`` string with the fields ``{prompt}`` (the student's question) and
+``{demonstration}`` (the expert answer the teacher may read). Only the template is parsed as a format string: the
+values are inserted verbatim, so braces inside a question or a demonstration survive unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import string
+from typing import Any, Callable, Optional, Union
+
+Prompt = Union[str, list]
+
+TEMPLATE_FIELDS = ("prompt", "demonstration")
+
+TEMPLATES: dict[str, str] = {
+    # The official SDFT code's teacher prompt (idanshen/Self-Distillation), character for character.
+    "sdft": (
+        "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    ),
+    # OPSD-style: the teacher is conditioned on a verified solution of the same problem.
+    "verified_solution": (
+        "{prompt}\n\nHere is a verified solution to this problem:\n{demonstration}\n\n"
+        "Now that you have seen a verified solution, solve the problem yourself, step by step.\n"
+    ),
+}
+
+
+class TemplateError(ValueError):
+    """A template spec that is not a known name, a readable file or a valid format string."""
+
+
+def check_template(template: str, *, origin: str = "template") -> str:
+    """Return ``template`` if it is a format string whose only fields are plain ``{prompt}`` and
+    ``{demonstration}``, each used at least once; raise TemplateError naming ``origin`` otherwise."""
+    if not isinstance(template, str):
+        raise TemplateError(f"{origin}: a template must be a str, got {type(template).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:  # unbalanced '{' or '}'
+        raise TemplateError(
+            f"{origin}: not a valid format string ({e}); write literal braces as '{{{{' and '}}}}'"
+        ) from None
+    used = set()
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in TEMPLATE_FIELDS or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise TemplateError(
+                f"{origin}: field {shown} is not allowed; a template may use only plain {{prompt}} and "
+                f"{{demonstration}} (write literal braces as '{{{{' and '}}}}')"
+            )
+        used.add(field)
+    missing = [f"{{{f}}}" for f in TEMPLATE_FIELDS if f not in used]
+    if missing:
+        raise TemplateError(f"{origin}: the template never uses {' and '.join(missing)}")
+    return template
+
+
+def load_template(spec: str) -> str:
+    """The template named by ``spec``: a name in TEMPLATES, a path to a file holding a format string (read
+    verbatim, trailing newline included), or a literal format string containing {prompt} and {demonstration}.
+    A spec with a brace that is neither a name nor a file is checked as a format string, to name its fault."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if isinstance(spec, str) and os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return check_template(f.read(), origin=f"template file {spec!r}")
+    if isinstance(spec, str) and "{" in spec:  # meant as a literal format string: say what is wrong with it
+        return check_template(spec, origin=f"template {spec!r}")
+    raise TemplateError(
+        f"unknown template {spec!r}: expected one of the names {sorted(TEMPLATES)}, the path of an existing file "
+        f"holding a format string, or a literal format string containing {{prompt}} and {{demonstration}}"
+    )
+
+
+def _last_user_turn(messages: list) -> int:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"chat prompt turn {i} is {message!r}; every turn must be a dict with 'role' and 'content'"
+            )
+    user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not user_turns:
+        raise ValueError("chat prompt has no 'user' turn to put the demonstration into")
+    return user_turns[-1]
+
+
+def build_teacher_prompt(prompt: Prompt, demonstration: str, template: str) -> Prompt:
+    """The teacher's prompt: ``template`` filled with the question and the demonstration.
+
+    A string prompt gives a string. Chat messages give a deep copy in which only the LAST user turn's content is
+    replaced by the filled template (its ``{prompt}`` is that turn's content); every other turn is unchanged.
+    """
+    check_template(template)
+    if not isinstance(demonstration, str):
+        raise TypeError(f"demonstration must be a str, got {type(demonstration).__name__}")
+    if isinstance(prompt, str):
+        return template.format(prompt=prompt, demonstration=demonstration)
+    if not isinstance(prompt, list):
+        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    turn = _last_user_turn(prompt)
+    content = prompt[turn]["content"]
+    if not isinstance(content, str):
+        raise TypeError(
+            f"the last user turn (turn {turn}) has {type(content).__name__} content; the teacher template needs "
+            f"text content (str)"
+        )
+    teacher = copy.deepcopy(prompt)
+    teacher[turn]["content"] = template.format(prompt=content, demonstration=demonstration)
+    return teacher
+
+
+def render_prompt(
+    prompt: Prompt,
+    tokenizer: Any,
+    *,
+    apply_chat_template: bool,
+    apply_chat_template_kwargs: Optional[dict] = None,
+    tools: Any = None,
+) -> str:
+    """The text slime's ``Dataset`` makes of ``prompt`` (slime/utils/data.py).
+
+    With ``apply_chat_template``, a string becomes one user message (as slime's ``_build_messages`` does) and the
+    messages go through ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)``.
+    Without it, a string is returned unchanged; chat messages are an error (slime would pass the list on as the
+    prompt, which its rollout cannot tokenize).
+    """
+    if not isinstance(prompt, (str, list)):
+        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    if not apply_chat_template:
+        if isinstance(prompt, list):
+            raise ValueError(
+                "the prompt is a list of chat messages but apply_chat_template is off; pass --apply-chat-template "
+                "(slime renders chat messages only with its chat template)"
+            )
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=True,
+        **(apply_chat_template_kwargs or {}),
+    )
+
+
+def truncate_demonstration_to_fit(
+    prompt: Prompt,
+    demonstration: str,
+    template: str,
+    fits: Callable[[Prompt], bool],
+) -> Optional[tuple[Prompt, int]]:
+    """``(teacher_prompt, kept_chars)`` for the longest prefix of ``demonstration`` whose teacher prompt ``fits``;
+    None when even an empty demonstration does not fit. The question is never shortened.
+
+    Binary search on the number of characters kept (O(log len) calls of ``fits``). The result is maximal in the
+    sense that ``fits`` holds at ``kept_chars`` and fails at ``kept_chars + 1``; with a tokenizer-based ``fits``
+    token counts are almost, not strictly, monotone in the prefix length, so a longer prefix further on could in
+    principle fit again.
+    """
+
+    def teacher_with(kept: int) -> Prompt:
+        return build_teacher_prompt(prompt, demonstration[:kept], template)
+
+    full = teacher_with(len(demonstration))
+    if fits(full):
+        return full, len(demonstration)
+    if not fits(teacher_with(0)):
+        return None
+    fitting, too_long = 0, len(demonstration)  # invariant: fits(fitting) and not fits(too_long)
+    while too_long - fitting > 1:
+        middle = (fitting + too_long) // 2
+        if fits(teacher_with(middle)):
+            fitting = middle
+        else:
+            too_long = middle
+    return teacher_with(fitting), fitting
