@@ -1,0 +1,193 @@
+"""slime data source that gives every sample the exact text its teacher will read.
+
+Use with ``--data-source-path slime_self_distill.data_source.SelfDistillRolloutDataSource``.
+
+The student's prompt is left untouched: slime's ``Dataset`` has already rendered it. The teacher prompt is read
+from ``sample.metadata[--self-distill-teacher-prompt-key]`` (a string or chat messages, written by
+``prepare_dataset``) and rendered the way slime's ``Dataset`` renders the student prompt (same tokenizer, chat
+template, ``--apply-chat-template-kwargs`` and tools). The result goes into the plugin's own metadata entry,
+``sample.metadata["self_distill"]``:
+
+* ``"teacher_prompt_text"``: the rendered teacher prompt (the converter encodes it exactly as slime encodes the
+  student prompt: ``tokenizer.encode(text, add_special_tokens=False)``);
+* ``"missing_teacher_reason"``: instead of the text, when the sample has no usable teacher prompt and
+  ``--self-distill-missing-teacher exclude`` is set; the converter then leaves it out of the distillation loss;
+* ``"demonstration"`` / ``"template"`` are ``prepare_dataset``'s entries, kept as they are for
+  ``--self-distill-teacher-overflow truncate_demonstration`` (with the raw teacher prompt, which stays in the
+  metadata: slime keeps only the rendered student prompt, so the converter recovers the raw one from it).
+
+The annotation is a pure function of the row, so groups pushed back through ``add_samples`` (aborted rollouts)
+are simply annotated again when they leave the buffer, and ``save``/``load`` need nothing beyond slime's own
+counters. slime is imported only when the class is first accessed, so this module imports without slime.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+from slime_self_distill.config import SelfDistillConfig, flag_name
+
+PLUGIN_METADATA_KEY = "self_distill"
+TEACHER_PROMPT_TEXT_KEY = "teacher_prompt_text"
+MISSING_TEACHER_REASON_KEY = "missing_teacher_reason"
+# Written by prepare_dataset when the teacher prompt was built from a demonstration.
+DEMONSTRATION_KEY = "demonstration"
+TEMPLATE_KEY = "template"
+
+DATA_SOURCE_PATH = "slime_self_distill.data_source.SelfDistillRolloutDataSource"
+PROMPT_EXCERPT_CHARS = 80
+
+
+class SelfDistillDataError(ValueError):
+    """A sample cannot be given a teacher; the message names the sample and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- pure logic
+def describe_sample(sample: Any) -> str:
+    """``sample index=.. group_index=.. prompt='...'``: enough to find the row the sample came from."""
+    prompt = str(getattr(sample, "prompt", ""))
+    excerpt = prompt if len(prompt) <= PROMPT_EXCERPT_CHARS else prompt[:PROMPT_EXCERPT_CHARS] + "..."
+    return (
+        f"sample index={getattr(sample, 'index', None)} group_index={getattr(sample, 'group_index', None)} "
+        f"prompt={excerpt!r}"
+    )
+
+
+def teacher_prompt_problem(teacher_prompt: Any, *, apply_chat_template: bool) -> Optional[str]:
+    """Why ``teacher_prompt`` cannot be rendered the way slime renders the student prompt (None when it can)."""
+    if teacher_prompt is None:
+        return "no teacher prompt"
+    if isinstance(teacher_prompt, str):
+        return "empty teacher prompt" if not teacher_prompt else None
+    if isinstance(teacher_prompt, list):
+        if not teacher_prompt:
+            return "empty teacher prompt (no messages)"
+        if not apply_chat_template:
+            return (
+                "teacher prompt is chat messages but --apply-chat-template is off, so slime feeds the student "
+                "prompt as raw text; store the teacher prompt as a string or turn --apply-chat-template on"
+            )
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in teacher_prompt):
+            return "teacher prompt messages must be dicts with 'role' and 'content'"
+        return None
+    return f"teacher prompt has type {type(teacher_prompt).__name__}; expected a string or a list of chat messages"
+
+
+def annotate_teacher_prompt(
+    metadata: dict,
+    *,
+    config: SelfDistillConfig,
+    apply_chat_template: bool,
+    render: Callable[[Any, Any], str],
+    sample_description: str,
+) -> None:
+    """Write the rendered teacher prompt (or the reason there is none) into ``metadata["self_distill"]``.
+
+    ``render(prompt, tools)`` renders a string or chat messages exactly like slime's ``Dataset`` (``templates.
+    render_prompt``: under ``--apply-chat-template`` a string is one user message). Idempotent: a
+    sample annotated before (pushed back to the buffer) is annotated again from the same row, with the same result.
+    """
+    if not isinstance(metadata, dict):
+        raise SelfDistillDataError(
+            f"{sample_description}: metadata is {type(metadata).__name__}, expected a dict; check --metadata-key "
+            f"and re-run prepare_dataset"
+        )
+    plugin = metadata.get(PLUGIN_METADATA_KEY) or {}
+    if not isinstance(plugin, dict):
+        raise SelfDistillDataError(
+            f"{sample_description}: metadata[{PLUGIN_METADATA_KEY!r}] is {type(plugin).__name__}, expected a dict "
+            f"(the plugin's own entry); rename that column of the dataset"
+        )
+    plugin = {k: v for k, v in plugin.items() if k not in (TEACHER_PROMPT_TEXT_KEY, MISSING_TEACHER_REASON_KEY)}
+
+    teacher_prompt = metadata.get(config.teacher_prompt_key)
+    problem = teacher_prompt_problem(teacher_prompt, apply_chat_template=apply_chat_template)
+    if problem is None:
+        tools = metadata.get("tools")  # slime's Dataset keeps the row's tools here (--tool-key)
+        plugin[TEACHER_PROMPT_TEXT_KEY] = render(teacher_prompt, tools)
+    elif config.missing_teacher == "exclude":
+        plugin[MISSING_TEACHER_REASON_KEY] = f"missing_teacher: {problem} in metadata[{config.teacher_prompt_key!r}]"
+    else:
+        raise SelfDistillDataError(
+            f"{sample_description}: {problem} in metadata[{config.teacher_prompt_key!r}]. Build the dataset with "
+            f"slime_self_distill.prepare_dataset (it writes the teacher prompt of every row), point "
+            f"{flag_name('teacher_prompt_key')} at the metadata key that holds it, or pass "
+            f"{flag_name('missing_teacher')} exclude to keep such samples for rollout but out of the distillation loss"
+        )
+    metadata[PLUGIN_METADATA_KEY] = plugin
+
+
+# ---------------------------------------------------------------------------------------------- slime glue
+@functools.lru_cache(maxsize=None)
+def load_hf_tokenizer(hf_checkpoint: str):
+    """The tokenizer slime itself uses for ``--hf-checkpoint`` (one instance per path and process)."""
+    from slime.utils.processing_utils import load_tokenizer
+
+    return load_tokenizer(hf_checkpoint, trust_remote_code=True)
+
+
+def prompt_renderer(args: Any) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` with slime's tokenizer, ``--apply-chat-template`` and its kwargs."""
+    from slime_self_distill.templates import render_prompt
+
+    tokenizer = load_hf_tokenizer(args.hf_checkpoint)
+
+    def render(prompt: Any, tools: Any) -> str:
+        return render_prompt(
+            prompt,
+            tokenizer,
+            apply_chat_template=bool(args.apply_chat_template),
+            apply_chat_template_kwargs=args.apply_chat_template_kwargs,
+            tools=tools,
+        )
+
+    return render
+
+
+def check_supported_args(args: Any) -> None:
+    if getattr(args, "multimodal_keys", None):
+        raise SelfDistillDataError(
+            "--multimodal-keys is set, but the teacher prompt is text only (its images/videos would not reach the "
+            "teacher); run self-distillation on a text-only dataset"
+        )
+
+
+def _build_data_source_class() -> type:
+    from slime.rollout.data_source import RolloutDataSourceWithBuffer
+
+    class SelfDistillRolloutDataSource(RolloutDataSourceWithBuffer):
+        """slime's buffered data source whose samples carry their rendered teacher prompt (module docstring)."""
+
+        def __init__(self, args):
+            check_supported_args(args)
+            self.self_distill_config = SelfDistillConfig.from_args(args)
+            super().__init__(args)
+            self._render = prompt_renderer(args)
+
+        def get_samples(self, num_samples: int):
+            groups = super().get_samples(num_samples)
+            for group in groups:
+                for sample in group:
+                    annotate_teacher_prompt(
+                        sample.metadata,
+                        config=self.self_distill_config,
+                        apply_chat_template=bool(self.args.apply_chat_template),
+                        render=self._render,
+                        sample_description=describe_sample(sample),
+                    )
+            return groups
+
+    SelfDistillRolloutDataSource.__module__ = __name__
+    SelfDistillRolloutDataSource.__qualname__ = "SelfDistillRolloutDataSource"
+    return SelfDistillRolloutDataSource
+
+
+def __getattr__(name: str):
+    # Built on first access so that importing this module does not need slime; cached as a module global so
+    # that pickling the class by reference finds it.
+    if name == "SelfDistillRolloutDataSource":
+        cls = _build_data_source_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
