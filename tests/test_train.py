@@ -1,0 +1,437 @@
+"""The launcher: argv rewriting, flag and YAML checks, slime discovery, start-up validation, the cluster script."""
+
+import argparse
+import json
+import math
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slime_self_distill import train as launcher
+from slime_self_distill.config import ConfigError, SelfDistillConfig
+from slime_self_distill.train import (
+    PLUGIN_DEFAULTS,
+    LaunchError,
+    check_self_distill_flags,
+    fill_plugin_defaults,
+    find_slime_root,
+    precheck_self_distill_settings,
+    split_launcher_options,
+    validate_parsed_args,
+)
+from tests.slime_cpu_harness import needs_slime
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = PROJECT_ROOT / "run_self_distill_slime.sh"
+GIB = 1024**3
+
+
+def flag_value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+# ---------------------------------------------------------------------- argv rewriting
+def test_launcher_options_are_split_off_and_the_rest_keeps_its_order():
+    argv = ["--lr", "1e-6", "--slime-entry", "train_async", "--eps-clip-c", "-0.5", "--slime-root=/x",
+            "--self-distill-topk=20", "--check-only", "--num-rollout", "3"]
+    options = split_launcher_options(argv)
+    assert (options.slime_entry, options.slime_root, options.check_only) == ("train_async", "/x", True)
+    assert options.slime_argv == ["--lr", "1e-6", "--eps-clip-c", "-0.5", "--self-distill-topk=20",
+                                  "--num-rollout", "3"]
+    assert split_launcher_options([]).slime_entry == "train"
+
+
+def test_plugin_defaults_are_filled_when_absent():
+    argv, filled = fill_plugin_defaults(["--lr", "1e-6"])
+    assert argv[:2] == ["--lr", "1e-6"]
+    for flag, value in PLUGIN_DEFAULTS:
+        assert flag_value(argv, flag) == value
+        assert argv.count(flag) == 1
+    assert filled == [flag for flag, _ in PLUGIN_DEFAULTS]
+    assert "--opd-kl-coef" not in argv  # only with --use-opd
+
+
+def test_user_choices_are_never_overridden():
+    user = ["--loss-type", "policy_loss", "--custom-loss-function-path=my.loss.fn",
+            "--data-source-path", "my.DataSource"]
+    argv, filled = fill_plugin_defaults(user)
+    assert argv[: len(user)] == user
+    assert "--loss-type" not in argv[len(user):] and "my.loss.fn" not in argv[len(user):]
+    assert argv.count("--data-source-path") == 1
+    assert "--custom-loss-function-path" not in argv  # given in --flag=value form, so not added again
+    assert set(filled) == {"--custom-convert-samples-to-train-data-path", "--custom-megatron-init-path",
+                           "--input-key"}
+
+
+def test_opd_kl_coef_is_zeroed_with_use_opd_unless_given():
+    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-type", "megatron"])
+    assert flag_value(argv, "--opd-kl-coef") == "0" and "--opd-kl-coef" in filled
+    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-kl-coef", "0.5"])
+    assert argv.count("--opd-kl-coef") == 1 and flag_value(argv, "--opd-kl-coef") == "0.5"
+    assert "--opd-kl-coef" not in filled
+
+
+# ---------------------------------------------------------------------- --self-distill-* flags and YAML
+@pytest.mark.parametrize(
+    "typo, suggestion",
+    [
+        ("--self-distill-kl-scop", "--self-distill-kl-scope"),
+        ("--self_distill_topk", "--self-distill-topk"),
+        ("--self-distil-ema-rate=0.1", "--self-distill-ema-rate"),
+        ("--slef-distill-teacher", "--self-distill-teacher"),
+        ("--self-distill-importance-corection", "--self-distill-importance-correction"),
+    ],
+)
+def test_misspelt_flag_is_named_with_the_closest_flag(typo, suggestion):
+    with pytest.raises(ConfigError) as error:
+        check_self_distill_flags(["--lr", "1e-6", typo, "x"])
+    message = str(error.value)
+    assert f"unknown flag {typo.split('=')[0]}" in message
+    assert f"did you mean {suggestion}?" in message
+
+
+def test_unrelated_and_valid_flags_pass_the_flag_check():
+    check_self_distill_flags(["--rollout-batch-size", "8", "--self-distill-topk=20", "--self-distill-teacher", "ema",
+                              "--no-self-check", "--opd-kl-coef", "0", "--distill-notes", "x"])
+    with pytest.raises(ConfigError, match="unknown flag --selfish"):
+        check_self_distill_flags(["--selfish"])  # starts with --self: meant for the plugin, not a slime flag
+
+
+def test_flag_values_are_validated_before_slime_runs():
+    with pytest.raises(ConfigError, match=r"--self-distill-alpha: got 1.5, outside \[0, 1\]"):
+        precheck_self_distill_settings(["--self-distill-divergence", "alpha_js", "--self-distill-alpha", "1.5"])
+    with pytest.raises(ConfigError, match="--self-distill-kl-scope.*invalid choice: 'top_k'"):
+        precheck_self_distill_settings(["--self-distill-kl-scope", "top_k"])
+    with pytest.raises(ConfigError, match="--self-distill-topk.*invalid int value: '2.5'"):
+        precheck_self_distill_settings(["--self-distill-topk", "2.5"])
+    config = precheck_self_distill_settings(["--self-distill-kl-scope", "topk", "--self-distill-topk=20", "--lr", "1"])
+    assert (config.kl_scope, config.topk) == ("topk", 20)
+
+
+def write_yaml(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_settings_are_validated_naming_the_file(tmp_path):
+    path = write_yaml(tmp_path, "self_distill_teacher: ema\nself_distill_ema_rate: 1e-2\n")
+    with pytest.raises(ConfigError, match=r"YAML key self_distill_ema_rate\) must be float, got '1e-2'.*" + path):
+        precheck_self_distill_settings(["--custom-config-path", path])
+    path = write_yaml(tmp_path, "self_distill_kl_scop: topk\n", "typo.yaml")
+    with pytest.raises(ConfigError, match=r"unknown self-distillation setting\(s\) \['self_distill_kl_scop'\]"):
+        precheck_self_distill_settings([f"--custom-config-path={path}"])
+    path = write_yaml(tmp_path, "- self_distill_topk: 3\n", "list.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping.*got a list"):
+        precheck_self_distill_settings(["--custom-config-path", path])
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read it"):
+        precheck_self_distill_settings(["--custom-config-path", str(tmp_path / "missing.yaml")])
+
+
+def test_yaml_keys_for_other_custom_functions_are_left_alone(tmp_path):
+    path = write_yaml(tmp_path, "my_reward_threshold: 3\nself_distill_topk: 7\nself_distill_kl_scope: topk\n")
+    config = precheck_self_distill_settings(["--custom-config-path", path])
+    assert (config.kl_scope, config.topk) == ("topk", 7)
+
+
+def test_flag_contradicting_the_yaml_is_refused(tmp_path):
+    path = write_yaml(tmp_path, "self_distill_kl_scope: topk\nself_distill_topk: 64\n")
+    with pytest.raises(ConfigError) as error:
+        precheck_self_distill_settings(["--custom-config-path", path, "--self-distill-topk", "20"])
+    assert "--self-distill-topk 20 on the command line conflicts with 'self_distill_topk: 64'" in str(error.value)
+    config = precheck_self_distill_settings(["--custom-config-path", path, "--self-distill-topk", "64",
+                                             "--self-distill-chunk-size", "256"])
+    assert (config.topk, config.chunk_size) == (64, 256)  # same value both ways, and a flag the file lacks
+
+
+# ---------------------------------------------------------------------- locating slime
+ENTRY_SCRIPT = """\
+from slime.utils.arguments import parse_args
+
+
+def train(args):
+    pass
+
+
+if __name__ == '__main__':
+    args = parse_args()
+    train(args)
+"""
+
+
+def make_checkout(root: Path, scripts=("train.py", "train_async.py")) -> Path:
+    (root / "slime").mkdir(parents=True)
+    (root / "slime" / "__init__.py").write_text("")
+    for script in scripts:
+        (root / script).write_text(ENTRY_SCRIPT)
+    return root
+
+
+def test_slime_root_precedence(tmp_path):
+    flag, env, package = (make_checkout(tmp_path / name) for name in ("flag", "env", "pkg"))
+    environ = {"SLIME_ROOT": str(env)}
+    assert find_slime_root(str(flag), environ, package / "slime") == flag.resolve()
+    assert find_slime_root(None, environ, package / "slime") == env.resolve()
+    assert find_slime_root(None, {}, package / "slime") == package.resolve()
+
+
+def test_slime_root_errors_say_how_to_fix(tmp_path):
+    with pytest.raises(LaunchError, match="slime is not importable and SLIME_ROOT is not set.*pip install -e"):
+        find_slime_root(None, {}, None)
+    with pytest.raises(LaunchError, match=r"--slime-root .*nowhere is not a directory"):
+        find_slime_root(str(tmp_path / "nowhere"), {}, None)
+    no_async = make_checkout(tmp_path / "old", scripts=("train.py",))
+    with pytest.raises(LaunchError, match=r"\$SLIME_ROOT .*old is not a slime checkout: train_async.py missing"):
+        find_slime_root(None, {"SLIME_ROOT": str(no_async)}, None, entry="train_async")
+    site_packages = tmp_path / "site-packages" / "slime"
+    site_packages.mkdir(parents=True)
+    with pytest.raises(LaunchError, match="has no train.py \\(slime installed without its checkout\\?\\)"):
+        find_slime_root(None, {}, site_packages)
+
+
+def test_main_reports_a_bad_flag_before_importing_slime(tmp_path, capsys):
+    checkout = make_checkout(tmp_path / "slime_checkout")
+    (checkout / "slime" / "__init__.py").write_text("raise RuntimeError('the launcher imported slime too early')\n")
+    rc = launcher.main(["--self-distill-kl-scop", "topk", "--lr", "1e-6"], environ={"SLIME_ROOT": str(checkout)})
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: unknown flag --self-distill-kl-scop" in err and "did you mean --self-distill-kl-scope?" in err
+
+
+def test_main_reports_a_missing_slime(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(launcher, "importable_slime_package_dir", lambda: None)
+    assert launcher.main(["--lr", "1"], environ={}) == 2
+    assert "slime is not importable and SLIME_ROOT is not set" in capsys.readouterr().err
+
+
+def test_print_slime_root(tmp_path, capsys):
+    checkout = make_checkout(tmp_path / "co")
+    assert launcher.main(["--print-slime-root"], environ={"SLIME_ROOT": str(checkout)}) == 0
+    assert capsys.readouterr().out.strip() == str(checkout.resolve())
+
+
+def test_entry_script_with_a_different_main_block_is_refused(tmp_path):
+    checkout = make_checkout(tmp_path / "co")
+    launcher.check_entry_main_block(ENTRY_SCRIPT, checkout / "train.py")
+    changed = ENTRY_SCRIPT.replace("    train(args)\n", "    setup(args)\n    train(args)\n")
+    with pytest.raises(LaunchError, match=r"\['args = parse_args\(\)', 'setup\(args\)', 'train\(args\)'\]"):
+        launcher.check_entry_main_block(changed, checkout / "train.py")
+    with pytest.raises(LaunchError, match="has no `if __name__"):
+        launcher.check_entry_main_block("def train(args):\n    pass\n", checkout / "train.py")
+
+
+# ---------------------------------------------------------------------- validation of slime's parsed args
+def parsed_args(**overrides) -> argparse.Namespace:
+    """The attributes of slime's parsed ``args`` that the start-up checks read (values as slime would give them)."""
+    values = dict(
+        loss_type="custom_loss", compute_advantages_and_returns=True, use_opd=False, opd_type=None,
+        opd_kl_coef=1.0, allgather_cp=False, debug_rollout_only=False,
+        actor_num_nodes=1, actor_num_gpus_per_node=8, tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=1, context_parallel_size=1,
+        rollout_batch_size=8, n_samples_per_prompt=4, rollout_max_response_len=1000,
+        padded_vocab_size=1000, vocab_size=1000,
+        self_distill_kl_scope="topk",
+    )
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_parsed_args_pass_and_return_the_config():
+    config = validate_parsed_args(parsed_args(self_distill_topk=20))
+    assert config == SelfDistillConfig(kl_scope="topk", topk=20)
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        (dict(loss_type="policy_loss"), "--loss-type is 'policy_loss'"),
+        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0), "--opd-kl-coef is 1.0"),
+        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=0.0, self_distill_teacher="ema"),
+         "--self-distill-teacher ema"),
+        (dict(compute_advantages_and_returns=False), "--disable-compute-advantages-and-returns"),
+        (dict(self_distill_kl_scope="full_vocab", rollout_max_response_len=None), "--rollout-max-response-len"),
+        (dict(actor_num_gpus_per_node=6, tensor_model_parallel_size=4), "not divisible by TP x PP x CP = 4"),
+        (dict(self_distill_topk="20"), "--self-distill-topk"),  # a YAML string where an int belongs
+    ],
+)
+def test_parsed_args_errors_name_the_flag(overrides, flag):
+    with pytest.raises(ConfigError) as error:
+        validate_parsed_args(parsed_args(**overrides))
+    assert flag in str(error.value)
+
+
+def full_vocab_store_bytes(args) -> int:
+    """Brute-force host-memory estimate of the full_vocab teacher store per node (training-hooks README formula)."""
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    dp = world // (tp * args.pipeline_model_parallel_size * cp)
+    samples = args.rollout_batch_size * args.n_samples_per_prompt
+    per_rank = (math.ceil(samples / dp) * math.ceil(args.rollout_max_response_len / cp)
+                * math.ceil(args.padded_vocab_size / tp) * 2)  # float16
+    return per_rank * min(args.actor_num_gpus_per_node, dp * tp * cp)
+
+
+def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
+    args = parsed_args(self_distill_kl_scope="full_vocab")
+    needed_gib = full_vocab_store_bytes(args) / GIB
+    args.self_distill_host_memory_budget_gb = needed_gib * 1.01
+    assert validate_parsed_args(args).kl_scope == "full_vocab"
+    args.self_distill_host_memory_budget_gb = needed_gib * 0.99
+    with pytest.raises(ConfigError, match="--self-distill-kl-scope full_vocab would keep.*Use --self-distill-kl-scope topk"):
+        validate_parsed_args(args)
+    args.debug_rollout_only = True  # no training actors: nothing is stored
+    assert validate_parsed_args(args).kl_scope == "full_vocab"
+
+
+# ---------------------------------------------------------------------- against slime's real argument code
+SLIME_ARGV = [
+    "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "8", "--colocate",
+    "--hf-checkpoint", "/models/Qwen3-4B", "--ref-load", "/models/Qwen3-4B_torch_dist",
+    "--prompt-data", "/data/train.jsonl", "--input-key", "prompt", "--apply-chat-template", "--rm-type", "math",
+    "--num-rollout", "10", "--rollout-batch-size", "8", "--n-samples-per-prompt", "4",
+    "--rollout-max-response-len", "1000", "--global-batch-size", "32",
+    "--self-distill-kl-scope", "topk", "--self-distill-topk", "20", "--self-distill-teacher", "ema",
+]
+
+
+def slime_parser():
+    """slime's own argument-adding code with the launcher's hook, on a parser configured like Megatron's.
+
+    slime's ``parse_args`` cannot run on CPU: it calls ``megatron.training.arguments.parse_args`` (Megatron-LM, not
+    on PyPI), which builds an ``ArgumentParser(allow_abbrev=False)``, calls slime's provider on it, and parses with
+    ``parse_known_args`` (``ignore_unknown_args=True``). This reproduces exactly that part around slime's real code.
+    """
+    from tests.megatron_standins import install_standins
+
+    install_standins()
+    from slime.utils.arguments import get_slime_extra_args_provider
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    return get_slime_extra_args_provider(launcher.add_custom_arguments)(parser)
+
+
+@needs_slime
+def test_plugin_flags_and_defaults_parse_with_slimes_real_arguments():
+    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--use-opd", "--opd-type", "megatron"])
+    args, unknown = slime_parser().parse_known_args(argv)
+    assert unknown == []  # every filled-in plugin flag is one of slime's own
+    assert (args.self_distill_kl_scope, args.self_distill_topk, args.self_distill_teacher) == ("topk", 20, "ema")
+    assert args.self_distill_chunk_size is None  # not given: the config's own default applies
+    for flag, value in PLUGIN_DEFAULTS:
+        assert getattr(args, flag[2:].replace("-", "_")) == value
+    assert args.opd_kl_coef == 0.0
+    # Megatron adds the parallel sizes; everything else the checks read comes from slime's parser.
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size = 2, 1, 1
+    args.opd_type = "megatron"
+    with pytest.raises(ConfigError, match="--self-distill-teacher ema builds the teacher from the student"):
+        validate_parsed_args(args)
+    args.use_opd = False
+    assert validate_parsed_args(args) == SelfDistillConfig(kl_scope="topk", topk=20, teacher="ema")
+
+
+@needs_slime
+def test_misspelt_flag_is_silently_ignored_by_slimes_parser_but_refused_by_the_launcher():
+    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--self-distill-ema-rat", "0.5"])
+    args, unknown = slime_parser().parse_known_args(argv)
+    assert unknown == ["--self-distill-ema-rat", "0.5"]  # what ignore_unknown_args=True would drop
+    assert args.self_distill_ema_rate is None
+    with pytest.raises(ConfigError, match="did you mean --self-distill-ema-rate?"):
+        check_self_distill_flags(argv)
+
+
+@needs_slime
+def test_slime_checkout_is_found_and_its_entry_scripts_load_without_running():
+    root = find_slime_root(None, {}, launcher.importable_slime_package_dir())
+    assert (root / "train.py").is_file()
+    from tests.megatron_standins import install_standins
+
+    install_standins()
+    launcher.import_slime_from(root)
+    for entry in ("train", "train_async"):
+        module = launcher.load_entry_module(root, entry)
+        assert callable(module.train) and module.__name__ == f"slime_entry_{entry}"
+
+
+# ---------------------------------------------------------------------- the cluster script
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_script_passes_shellcheck():
+    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def script_env(tmp_path, **overrides):
+    """A complete environment for the script, with `ray` and the Python launcher replaced by recorders."""
+    checkout = make_checkout(tmp_path / "slime")
+    model = tmp_path / "model.sh"
+    model.write_text("MODEL_ARGS=(--num-layers 2 --rotary-base \"${MODEL_ARGS_ROTARY_BASE:-10000}\")\n")
+    log = tmp_path / "calls.jsonl"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorder = (
+        f"#!{sys.executable}\nimport json, subprocess, sys\n"
+        "if sys.argv[1:2] == ['-']:  # the script's inline JSON helper: run it for real\n"
+        f"    sys.exit(subprocess.run([{sys.executable!r}, *sys.argv[1:]]).returncode)\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n"
+    )
+    for name in ("ray", "python-recorder"):
+        (bin_dir / name).write_text(recorder)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(bin_dir / "python-recorder"),
+        "SLIME_ROOT": str(checkout), "MODEL_ARGS_SCRIPT": str(model), "HF_CHECKPOINT": "/models/hf",
+        "REF_LOAD": "/models/dist", "SAVE": "/ckpt", "PROMPT_DATA": "/data/train.jsonl", "RM_TYPE": "math",
+        "NUM_GPUS": "4", "TP": "2",
+    }
+    env.update(overrides)
+    return env, log
+
+
+def run_script(env, *args, cwd=None):
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+def test_script_checks_then_starts_ray_then_submits_the_launcher(tmp_path):
+    env, log = script_env(tmp_path)
+    result = run_script(env, "--lr", "2e-6", cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    precheck, ray_start, submit = calls
+    assert precheck[1:4] == ["-m", "slime_self_distill.train", "--check-only"]
+    assert ray_start[1:3] == ["start", "--head"] and ray_start[ray_start.index("--num-gpus") + 1] == "4"
+    assert submit[1:3] == ["job", "submit"]
+    command = submit[submit.index("--") + 1:]
+    assert command[1:3] == ["-m", "slime_self_distill.train"]
+    assert command[3:] == precheck[4:]  # the job runs exactly the arguments that were checked
+    assert flag_value(command, "--custom-config-path") == str(PROJECT_ROOT / "configs" / "sdft.yaml")
+    assert flag_value(command, "--slime-root") == env["SLIME_ROOT"]
+    assert flag_value(command, "--rotary-base") == "10000"
+    assert "--sequence-parallel" in command and "--colocate" in command
+    assert command[-2:] == ["--lr", "2e-6"]  # user arguments come last and win
+    runtime_env_flag = next(a for a in submit if a.startswith("--runtime-env-json="))
+    runtime_env = json.loads(runtime_env_flag.split("=", 1)[1])
+    assert str(PROJECT_ROOT) in runtime_env["env_vars"]["PYTHONPATH"].split(":")
+
+
+def test_script_relative_config_becomes_absolute(tmp_path):
+    env, log = script_env(tmp_path, SELF_DISTILL_CONFIG="configs/opsd.yaml", SKIP_PRECHECK="1")
+    assert run_script(env, cwd=PROJECT_ROOT).returncode == 0
+    submit = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert flag_value(submit, "--custom-config-path") == str(PROJECT_ROOT / "configs" / "opsd.yaml")
+
+
+@pytest.mark.parametrize("missing", ["HF_CHECKPOINT", "REF_LOAD", "SAVE", "PROMPT_DATA", "RM_TYPE"])
+def test_script_names_a_missing_setting_before_starting_anything(tmp_path, missing):
+    env, log = script_env(tmp_path)
+    del env[missing]
+    result = run_script(env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{missing}: set {missing}" in result.stderr
+    assert not log.exists()  # neither the launcher nor ray ran
