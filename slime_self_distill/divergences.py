@@ -78,22 +78,45 @@ def _local_columns(global_ids: torch.Tensor, vocab_local: int, tp_group) -> tupl
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
 
 
-def _row_log_normalizer(z: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global row max, exp(z - max)) for rows ``z`` sharded over the TP group."""
+class _ChunkWorkspace:
+    """Named scratch buffers of ``[chunk_size, V_local]`` in the compute dtype, created on first use and reused by
+    every chunk of one call: a fresh large buffer per chunk would cost a page-faulting allocation each time (on
+    the CPU) or allocator churn (on the GPU)."""
+
+    def __init__(self, logits: torch.Tensor, chunk_size: int):
+        self._shape = (min(chunk_size, logits.shape[0]), logits.shape[-1])
+        self._dtype = _compute_dtype(logits)
+        self._device = logits.device
+        self._buffers: dict = {}
+
+    def get(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+        return self._buffers[name][:rows]
+
+    def as_compute(self, values: torch.Tensor, name: str) -> torch.Tensor:
+        """``values`` in the compute dtype: itself when it already is, else converted into buffer ``name``."""
+        if values.dtype == self._dtype:
+            return values
+        return self.get(name, values.shape[0]).copy_(values)
+
+
+def _row_log_normalizer(z: torch.Tensor, tp_group, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global row max, exp(z - max) written into ``out``) for rows ``z`` sharded over the TP group."""
     row_max = z.max(dim=-1).values
     _all_reduce(row_max, tp_group, dist.ReduceOp.MAX)
     # A row of all -inf would make exp(-inf - -inf) = NaN; shift by 0 instead (its log-sum-exp stays -inf).
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted_exp = z - row_max.unsqueeze(-1)
-    return row_max, shifted_exp.exp_()
+    return row_max, torch.sub(z, row_max.unsqueeze(-1), out=out).exp_()
 
 
 def _row_dot_and_repaired_rows(weights: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_v weights_v * values_v per row with 0 * (+-inf) = 0, mask of the rows that met 0 * inf).
 
-    The fused dot product allocates nothing; only rows where it meets 0 * inf (NaN) are redone elementwise.
+    A batched matrix product reads both operands once and allocates nothing of their size; only rows where it
+    meets 0 * inf (NaN) are redone elementwise.
     """
-    dot = torch.linalg.vecdot(weights, values)
+    dot = torch.bmm(weights.unsqueeze(-2), values.unsqueeze(-1)).reshape(weights.shape[0])
     bad = torch.isnan(dot)
     if bad.any():
         w, v = weights[bad], values[bad]
@@ -116,9 +139,10 @@ class _VocabParallelLogSumExp(torch.autograd.Function):
     def forward(ctx, logits, tp_group, chunk_size):
         cd = _compute_dtype(logits)
         lse = torch.empty(logits.shape[0], dtype=cd, device=logits.device)
+        work = _ChunkWorkspace(logits, chunk_size)
         for rows in _chunks(logits.shape[0], chunk_size):
-            z = logits[rows].to(cd)
-            row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+            z = work.as_compute(logits[rows], "logits")
+            row_max, shifted_exp = _row_log_normalizer(z, tp_group, work.get("exp", z.shape[0]))
             sum_exp = _all_reduce(shifted_exp.sum(-1), tp_group)
             lse[rows] = row_max + torch.log(sum_exp)
         ctx.save_for_backward(logits, lse)
@@ -182,10 +206,13 @@ class TokenDivergence:
 
 
 # ---------------------------------------------------------------------- full vocabulary
-def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, grad_out):
-    """One chunk of rows: returns (divergence, entropy, student token log-prob); writes the gradient of the
-    divergence w.r.t. ``z`` into ``grad_out`` when given. Buffers are reused in place: this loop is memory-bound."""
-    row_max, p = _row_log_normalizer(z, tp_group)  # p holds exp(z - max) until normalized below
+def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, grad_out, scratch):
+    """One chunk of rows: returns (divergence, entropy, student token log-prob, gradient scale); writes the gradient
+    of the divergence w.r.t. ``z``, divided by that scale, into ``grad_out`` when given. ``scratch``: the call's
+    ``_ChunkWorkspace``. Everything is computed in place: this loop is memory-bound."""
+    rows = z.shape[0]
+    p, teacher_p, score = (scratch.get(name, rows) for name in ("p", "teacher_p", "score"))
+    row_max, p = _row_log_normalizer(z, tp_group, p)  # p holds exp(z - max) until normalized below
     token_logit = torch.where(sampled_in_shard, z.gather(-1, sampled_local.unsqueeze(-1)).squeeze(-1), 0.0)
     # NaN-repaired rows are those with a -inf logit (exp(-inf) = 0): their gradient needs the same care below.
     exp_dot_logit, student_has_neg_inf = _row_dot_and_repaired_rows(p, z)
@@ -198,7 +225,7 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
     p.div_(sum_exp.unsqueeze(-1))
 
     if kind == "forward_kl":
-        teacher_p = t.exp()
+        teacher_p = torch.exp(t, out=teacher_p)
         # sum_v T_v (t_v - log p_v) with log p_v = z_v - lse, without materializing log p
         teacher_mass = teacher_p.sum(-1)
         cross = _row_dot(teacher_p, t) - _row_dot(teacher_p, z)
@@ -207,21 +234,22 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
         cross, teacher_mass = reduced.unbind(-1)
         if grad_out is not None:  # d/dz of -sum_v T_v log p_v = p * sum(T) - T
             torch.mul(p, teacher_mass.unsqueeze(-1), out=grad_out).sub_(teacher_p)
-        return cross + lse * teacher_mass, entropy, token_logit - lse
+        return cross + lse * teacher_mass, entropy, token_logit - lse, 1.0
 
     if kind == "reverse_kl":
-        score = z - lse.unsqueeze(-1)
-        score.sub_(torch.clamp(t, min=TEACHER_LOG_PROB_FLOOR))  # d KL(S||T) / d S_v, up to a constant
+        floored_teacher = torch.clamp(t, min=TEACHER_LOG_PROB_FLOOR, out=teacher_p)
+        score = torch.sub(z, lse.unsqueeze(-1), out=score)
+        score.sub_(floored_teacher)  # d KL(S||T) / d S_v, up to a constant
         value = _row_dot(p, score)
         reduced = torch.stack([value, value], -1)
         _all_reduce(reduced, tp_group)
         value, mean_score = reduced.unbind(-1)
         score_scale = 1.0
     else:
-        teacher_p = t.exp()
+        teacher_p = torch.exp(t, out=teacher_p)
         # M = alpha T + (1 - alpha) p, floored at the smallest normal float where both probabilities have
         # underflowed (every term they weight is zero anyway).
-        log_mix = torch.lerp(p, teacher_p, alpha).clamp_(min=torch.finfo(p.dtype).tiny).log_()
+        log_mix = torch.lerp(p, teacher_p, alpha, out=score).clamp_(min=torch.finfo(p.dtype).tiny).log_()
         teacher_part = _row_dot(teacher_p, t) - _row_dot(teacher_p, log_mix)
         # d JSD / d S_v = (1 - alpha)(log p - log M) = (1 - alpha)(score - lse) with score = z - log M
         score = torch.sub(z, log_mix, out=log_mix)
@@ -232,13 +260,11 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
         value = alpha * teacher_part + (1.0 - alpha) * mean_log_ratio
         mean_score = lse + mean_log_ratio  # so that score - mean_score = (log p - log M) - mean
         score_scale = 1.0 - alpha
-    if grad_out is not None:  # softmax chain rule: dL/dz_u = p_u (score_u - sum_v p_v score_v)
+    if grad_out is not None:  # softmax chain rule: dL/dz_u = p_u (score_u - sum_v p_v score_v), / score_scale
         torch.mul(p, score.sub_(mean_score.unsqueeze(-1)), out=grad_out)
-        if score_scale != 1.0:
-            grad_out.mul_(score_scale)
         if student_has_neg_inf.any():  # 0 * (-inf) at logits that are -inf: their gradient is 0
             grad_out[student_has_neg_inf] = torch.nan_to_num(grad_out[student_has_neg_inf], nan=0.0)
-    return value, entropy, token_logit - lse
+    return value, entropy, token_logit - lse, score_scale
 
 
 class _FullVocabDivergence(torch.autograd.Function):
@@ -255,16 +281,19 @@ class _FullVocabDivergence(torch.autograd.Function):
         token_log_probs = torch.empty_like(value)
         grad = torch.empty_like(logits) if need_grad else None
         sampled_local, sampled_in_shard = _local_columns(sampled_tokens, logits.shape[-1], tp_group)
+        work = _ChunkWorkspace(logits, chunk_size)
+        gradient_scale = 1.0
         for rows in _chunks(n, chunk_size):
             grad_rows = None
             if need_grad:
-                grad_rows = grad[rows] if grad.dtype == cd else torch.empty(grad[rows].shape, dtype=cd)
-            value[rows], entropy[rows], token_log_probs[rows] = _full_vocab_chunk(
-                logits[rows].to(cd), teacher_log_probs[rows].to(cd), sampled_local[rows], sampled_in_shard[rows],
-                kind, alpha, tp_group, grad_rows,
+                grad_rows = grad[rows] if grad.dtype == cd else work.get("grad", rows.stop - rows.start)
+            value[rows], entropy[rows], token_log_probs[rows], gradient_scale = _full_vocab_chunk(
+                work.as_compute(logits[rows], "logits"), work.as_compute(teacher_log_probs[rows], "teacher"),
+                sampled_local[rows], sampled_in_shard[rows], kind, alpha, tp_group, grad_rows, work,
             )
             if need_grad and grad_rows.dtype != grad.dtype:
                 grad[rows] = grad_rows
+        ctx.gradient_scale = gradient_scale
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(entropy, token_log_probs)
         return value, entropy, token_log_probs
@@ -272,7 +301,8 @@ class _FullVocabDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, _grad_entropy, _grad_token_log_probs):
         (grad,) = ctx.saved_tensors
-        return grad * grad_value.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None
+        row_scale = (grad_value * ctx.gradient_scale).unsqueeze(-1).to(grad.dtype)
+        return grad * row_scale, None, None, None, None, None, None
 
 
 def full_vocab_divergence(
@@ -314,9 +344,10 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         log_probs = torch.empty(ids.shape, dtype=cd, device=logits.device)
         entropy = torch.empty(n, dtype=cd, device=logits.device)
         lse = torch.empty(n, dtype=cd, device=logits.device)
+        work = _ChunkWorkspace(logits, chunk_size)
         for rows in _chunks(n, chunk_size):
-            z = logits[rows].to(cd)
-            row_max, shifted_exp = _row_log_normalizer(z, tp_group)
+            z = work.as_compute(logits[rows], "logits")
+            row_max, shifted_exp = _row_log_normalizer(z, tp_group, work.get("exp", z.shape[0]))
             exp_times_logit = _row_dot(shifted_exp, z)
             picked = torch.where(in_shard[rows], z.gather(-1, local[rows]), 0.0)
             reduced = torch.cat([shifted_exp.sum(-1, keepdim=True), exp_times_logit.unsqueeze(-1), picked], -1)
@@ -333,10 +364,11 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
     def backward(ctx, grad_log_probs, _grad_entropy):
         logits, lse, local, in_shard = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        work = _ChunkWorkspace(logits, ctx.chunk_size)
         for rows in _chunks(logits.shape[0], ctx.chunk_size):
             g = grad_log_probs[rows].to(lse.dtype)
             # d log p_k / dz = onehot_k - p, built in place in the gradient buffer when the dtypes allow
-            chunk_grad = grad[rows] if grad.dtype == lse.dtype else torch.empty(grad[rows].shape, dtype=lse.dtype)
+            chunk_grad = grad[rows] if grad.dtype == lse.dtype else work.get("grad", rows.stop - rows.start)
             torch.sub(logits[rows].to(lse.dtype), lse[rows].unsqueeze(-1), out=chunk_grad).exp_()
             chunk_grad.mul_(-g.sum(-1, keepdim=True))
             chunk_grad.scatter_add_(-1, local[rows], torch.where(in_shard[rows], g, 0.0))
