@@ -1,0 +1,461 @@
+"""Training-side glue: install with ``--custom-megatron-init-path slime_self_distill.megatron_hooks.install``.
+
+slime's Megatron OPD teacher pass (``train_actor``: ``compute_log_prob(..., store_prefix="teacher_")`` whenever the
+weights backuper holds a ``"teacher"`` tag) runs the teacher on the student's own tokens. ``install(args)`` replaces a
+few module globals that slime looks up at call time, so that, inside every training actor:
+
+* ``actor.forward_only`` with ``store_prefix == "teacher_"`` runs slime's real ``forward_only`` on the teacher
+  sequences of the converter's ``TeacherView`` payload (``rollout_data["prompt"]``) instead, and post-processes the
+  teacher's logits into the teacher inputs of the loss (``teacher_outputs``), re-laid-out to the student's
+  context-parallel layout. Every other pass (student, reference) is passed through untouched.
+* ``model.get_batch``, for training batches (the key list that asks for ``teacher_log_probs``), also returns the
+  top-K / full-vocabulary teacher tensors (moved from host memory to the GPU one micro-batch at a time) and
+  ``self_distill_loss_weights``, and zeroes the loss mask of samples without a teacher (slime's token count).
+* ``train_metric_utils.log_rollout_data`` and ``train_data_utils.save_debug_train_data`` see the rollout data
+  without the plugin's keys (the payload and the large teacher tensors), which slime's rollout metrics cannot
+  average. They run after the teacher pass and before/after training on the same dict the training iterator
+  reads, so the keys cannot simply be deleted there (nor in ``--rollout-data-postprocess-path``, which stays free).
+* ``TensorBackuper.create`` sets up the ``"teacher"`` tag (``teacher_weights``) when the teacher is not slime's OPD
+  checkpoint; for an EMA teacher ``model.train_one_step`` / ``actor.train`` update it after each optimizer step /
+  rollout.
+
+``slime_compat.verify()`` checks every replaced function first.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from slime_self_distill import slime_compat
+from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.teacher_outputs import (
+    HOST_KEYS,
+    TeacherOutputSpec,
+    TeacherStoreLayout,
+    check_full_vocab_store_fits,
+    compute_teacher_outputs,
+    host_memory_budget_bytes,
+    relayout_cp_rows,
+)
+from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
+from slime_self_distill.teacher_weights import TeacherWeights
+
+logger = logging.getLogger(__name__)
+
+TEACHER_STORE_PREFIX = "teacher_"
+# rollout_data keys that only the plugin reads: kept away from slime's metrics and debug dump.
+PLUGIN_ONLY_KEYS = (PAYLOAD_KEY, *HOST_KEYS)
+
+_ACTOR = "slime.backends.megatron_utils.actor"
+_MODEL = "slime.backends.megatron_utils.model"
+
+
+# ---------------------------------------------------------------------- start-up checks
+def slime_loads_teacher_checkpoint(args: Any) -> bool:
+    """slime itself loads ``--opd-teacher-load`` into the ``"teacher"`` tag (``--use-opd --opd-type megatron``)."""
+    return bool(getattr(args, "use_opd", False)) and getattr(args, "opd_type", None) == "megatron"
+
+
+def check_args(args: Any, config: SelfDistillConfig) -> None:
+    """Refuse slime settings under which the teacher pass would not run, or would run with the wrong teacher."""
+    if not getattr(args, "compute_advantages_and_returns", True):
+        raise ConfigError(
+            "--disable-compute-advantages-and-returns skips all of slime's log-prob passes, the teacher pass "
+            "included; remove it (the self-distillation loss needs the teacher pass)"
+        )
+    if getattr(args, "loss_type", None) != "custom_loss":
+        raise ConfigError(
+            f"--loss-type is {getattr(args, 'loss_type', None)!r}: the teacher outputs are only read by the "
+            "self-distillation loss; use --loss-type custom_loss with the plugin's --custom-loss-function-path"
+        )
+    if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
+        raise ConfigError(
+            "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
+            "context-parallel layout of slime's default CP; drop --allgather-cp"
+        )
+    if getattr(args, "use_opd", False):
+        if getattr(args, "opd_type", None) != "megatron":
+            raise ConfigError(
+                f"--use-opd --opd-type {getattr(args, 'opd_type', None)} fetches teacher log-probs on the student's "
+                "prompt during rollout; self-distillation runs its own teacher in the trainer. Drop --use-opd, or "
+                "use --opd-type megatron --opd-teacher-load <checkpoint> for a frozen teacher checkpoint"
+            )
+        if config.teacher != "frozen":
+            raise ConfigError(
+                f"{flag_name('teacher')} {config.teacher} builds the teacher from the student, but --use-opd "
+                f"--opd-type megatron would load --opd-teacher-load as the teacher; drop --use-opd, --opd-type and "
+                f"--opd-teacher-load, or use {flag_name('teacher')} frozen"
+            )
+        if getattr(args, "opd_kl_coef", 0.0) != 0:
+            raise ConfigError(
+                f"--opd-kl-coef is {args.opd_kl_coef}: slime would subtract a reverse-KL penalty computed from the "
+                "teacher's log-probs (on the teacher prompt) from the advantages, on top of the distillation loss; "
+                "set --opd-kl-coef 0 when --use-opd only loads the frozen teacher checkpoint"
+            )
+
+
+def check_host_memory(args: Any, config: SelfDistillConfig, dp_size: int) -> None:
+    """Refuse a full_vocab run whose teacher store cannot fit in host memory (proposes the topk scope)."""
+    if config.kl_scope != "full_vocab":
+        return
+    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
+    if not vocab:
+        raise ConfigError(
+            f"{flag_name('kl_scope')} full_vocab needs the vocabulary size to size the teacher store; set --vocab-size"
+        )
+    layout = TeacherStoreLayout(
+        num_samples=args.rollout_batch_size * args.n_samples_per_prompt,
+        max_response_len=args.rollout_max_response_len,
+        padded_vocab_size=vocab,
+        tp_size=args.tensor_model_parallel_size,
+        cp_size=args.context_parallel_size,
+        dp_size=dp_size,
+        gpus_per_node=args.actor_num_gpus_per_node,
+    )
+    check_full_vocab_store_fits(layout, config, host_memory_budget_bytes(config))
+
+
+# ---------------------------------------------------------------------- teacher pass
+def build_teacher_rollout_data(rollout_data: dict) -> dict:
+    """The teacher's view of this rank's rollout data, for slime's ``DataIterator`` / ``get_batch``.
+
+    Sample i gets ``rollout_data["prompt"][i].tokens`` (teacher prompt + the student's exact response ids) and the
+    student's response length and loss mask. A sample without a teacher gets the student's own tokens as a
+    placeholder (its outputs are excluded by its loss weight 0).
+    """
+    views = rollout_data.get(PAYLOAD_KEY)
+    tokens = rollout_data["tokens"]
+    if views is None:
+        raise RuntimeError(
+            f"rollout_data has no {PAYLOAD_KEY!r} key: the teacher pass needs one TeacherView per sample, put there by "
+            "the self-distillation converter (--custom-convert-samples-to-train-data-path)"
+        )
+    if len(views) != len(tokens):
+        raise ValueError(f"rollout_data[{PAYLOAD_KEY!r}] has {len(views)} entries for {len(tokens)} samples")
+    multimodal = rollout_data.get("multimodal_train_inputs")
+    if multimodal is not None and any(item is not None for item in multimodal):
+        raise ValueError("multimodal samples are not supported by the self-distillation teacher pass")
+    teacher_tokens = []
+    for index, (view, student_tokens, response_length) in enumerate(
+        zip(views, tokens, rollout_data["response_lengths"], strict=True)
+    ):
+        if not isinstance(view, TeacherView):
+            raise TypeError(
+                f"rollout_data[{PAYLOAD_KEY!r}][{index}] is a {type(view).__name__}, not a TeacherView: use the "
+                "self-distillation converter (--custom-convert-samples-to-train-data-path)"
+            )
+        if view.response_length != response_length:
+            raise ValueError(
+                f"sample {index}: TeacherView.response_length {view.response_length} != the student's response length "
+                f"{response_length}"
+            )
+        if not view.has_teacher:
+            teacher_tokens.append(student_tokens)
+            continue
+        sequence = torch.tensor(view.tokens, dtype=torch.long).to(student_tokens.device, non_blocking=True)
+        student_response = student_tokens[len(student_tokens) - response_length :]
+        if not torch.equal(sequence[len(sequence) - response_length :], student_response):
+            raise ValueError(f"sample {index}: the teacher sequence does not end with the student's response token ids")
+        teacher_tokens.append(sequence)
+    return {
+        "tokens": teacher_tokens,
+        "total_lengths": [len(t) for t in teacher_tokens],
+        "response_lengths": list(rollout_data["response_lengths"]),
+        "loss_masks": rollout_data["loss_masks"],
+    }
+
+
+def split_micro_batches_by_tokens(
+    micro_batch_indices: list[list[int]], num_microbatches: list[int], lengths: list[int], max_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """Split each micro-batch, keeping sample order, so that its (teacher) tokens stay within ``max_tokens``.
+
+    slime schedules micro-batches from the student lengths (``--max-tokens-per-gpu``); the teacher sequences are
+    longer. A sample longer than ``max_tokens`` alone stays alone, as in slime's own packing. Returns the new
+    micro-batches and the new count per training step.
+    """
+    new_indices: list[list[int]] = []
+    new_counts: list[int] = []
+    position = 0
+    for count in num_microbatches:
+        before = len(new_indices)
+        for micro_batch in micro_batch_indices[position : position + count]:
+            current: list[int] = []
+            current_tokens = 0
+            for index in micro_batch:
+                if current and current_tokens + lengths[index] > max_tokens:
+                    new_indices.append(current)
+                    current, current_tokens = [], 0
+                current.append(index)
+                current_tokens += lengths[index]
+            new_indices.append(current)
+        position += count
+        new_counts.append(len(new_indices) - before)
+    if position != len(micro_batch_indices):
+        raise ValueError(f"num_microbatches {num_microbatches} does not cover {len(micro_batch_indices)} micro-batches")
+    return new_indices, new_counts
+
+
+def _group_or_none(get_group: Callable, get_size: Callable):
+    return get_group() if get_size() > 1 else None
+
+
+def run_teacher_pass(
+    forward_only: Callable, spec: TeacherOutputSpec, args: Any, model, data_iterator, num_microbatches
+) -> dict[str, list[torch.Tensor]]:
+    """slime's ``forward_only`` on the teacher sequences; returns ``{teacher_<key>: [per sample]}`` in the student's
+    CP layout (teacher_log_probs on the GPU, the top-K / full-vocabulary tensors in host memory, where
+    ``compute_teacher_outputs`` writes them chunk by chunk: the device never holds a whole sample's distribution)."""
+    from megatron.core import mpu
+
+    from slime.backends.megatron_utils.data import DataIterator
+    from slime.backends.megatron_utils.loss import get_responses
+
+    rollout_data = data_iterator[0].rollout_data
+    teacher_data = build_teacher_rollout_data(rollout_data)
+    micro_batch_indices = data_iterator[0].micro_batch_indices
+    num_microbatches = list(num_microbatches)
+    if args.use_dynamic_batch_size:
+        cap = args.max_tokens_per_gpu * mpu.get_context_parallel_world_size()
+        split_indices, split_counts = split_micro_batches_by_tokens(
+            micro_batch_indices, num_microbatches, teacher_data["total_lengths"], cap
+        )
+        if split_counts != num_microbatches and len(data_iterator) > 1:
+            raise RuntimeError(
+                f"teacher sequences exceed --max-tokens-per-gpu {args.max_tokens_per_gpu} in a micro-batch, and with "
+                "virtual pipeline stages the teacher pass cannot split micro-batches; raise --max-tokens-per-gpu by "
+                "the longest teacher prompt's extra length"
+            )
+        micro_batch_indices, num_microbatches = split_indices, split_counts
+    teacher_iterators = [DataIterator(teacher_data, micro_batch_indices) for _ in data_iterator]
+
+    # forward_only hands the post-processor the very token tensors of teacher_data: they identify the sample.
+    sample_of_tokens = {id(tokens): index for index, tokens in enumerate(teacher_data["tokens"])}
+    student_total_lengths = rollout_data["total_lengths"]
+    tp_group = _group_or_none(mpu.get_tensor_model_parallel_group, mpu.get_tensor_model_parallel_world_size)
+    cp_group = _group_or_none(mpu.get_context_parallel_group, mpu.get_context_parallel_world_size)
+
+    def teacher_outputs(logits, *, args, unconcat_tokens, total_lengths, response_lengths, with_entropy=False):
+        # with_entropy is slime's switch for the student's entropy metric; the teacher's entropy is not needed.
+        outputs = {key.removeprefix(TEACHER_STORE_PREFIX): [] for key in spec.output_keys}
+        responses = get_responses(
+            logits, args=args, unconcat_tokens=unconcat_tokens, total_lengths=total_lengths,
+            response_lengths=response_lengths, apply_temperature=False,  # compute_teacher_outputs divides per chunk
+        )
+        for (rows, tokens), sequence, total_length, response_length in zip(
+            responses, unconcat_tokens, total_lengths, response_lengths, strict=True
+        ):
+            student_total_length = student_total_lengths[sample_of_tokens[id(sequence)]]
+            for key, value in compute_teacher_outputs(rows, tokens, spec, tp_group).items():
+                outputs[key.removeprefix(TEACHER_STORE_PREFIX)].append(
+                    relayout_cp_rows(
+                        value,
+                        response_length=response_length,
+                        source_total_length=total_length,
+                        target_total_length=student_total_length,
+                        cp_group=cp_group,
+                        block_rows=spec.chunk_size,
+                        device=logits.device,
+                    )
+                )
+        return torch.empty((0,), device=logits.device), outputs
+
+    return forward_only(
+        teacher_outputs, args, model, teacher_iterators, num_microbatches,
+        store_prefix=TEACHER_STORE_PREFIX, use_rollout_top_p_replay=False,
+    )
+
+
+# ---------------------------------------------------------------------- training batches
+def add_teacher_inputs(batch: dict) -> dict:
+    """Complete a training batch fetched with the plugin's extra keys: move the host-kept teacher tensors to the
+    batch's device, add ``self_distill_loss_weights`` [B] float32 (``TeacherView.loss_weight``) and zero the loss
+    mask of every sample without a teacher.
+
+    The zero mask keeps such a sample's tokens out of slime's token count (``loss_function``'s normalizer with
+    ``--calculate-per-token-loss``), which the loss cannot change; slime still counts 1 for it (it clamps every
+    sample's count at 1). Only this batch's list entry is replaced: the rollout data keeps the real mask."""
+    views = batch.pop(PAYLOAD_KEY)
+    if views is None:
+        raise RuntimeError(
+            f"the training batch has no {PAYLOAD_KEY!r} TeacherView payload; the self-distillation converter "
+            "(--custom-convert-samples-to-train-data-path) must provide it"
+        )
+    device = batch["tokens"].device
+    for key in HOST_KEYS:
+        if batch.get(key) is not None:
+            batch[key] = [value.to(device, non_blocking=True) for value in batch[key]]
+    batch[LOSS_WEIGHTS_KEY] = torch.tensor([view.loss_weight for view in views], dtype=torch.float32, device=device)
+    batch["loss_masks"] = [
+        mask if view.has_teacher else torch.zeros_like(mask) for mask, view in zip(batch["loss_masks"], views, strict=True)
+    ]
+    return batch
+
+
+def without_plugin_keys(rollout_data: dict) -> dict:
+    """A shallow copy of ``rollout_data`` without the keys only the plugin reads."""
+    return {key: value for key, value in rollout_data.items() if key not in PLUGIN_ONLY_KEYS}
+
+
+# ---------------------------------------------------------------------- wrappers
+def wrap_forward_only(original: Callable, spec: TeacherOutputSpec) -> Callable:
+    @functools.wraps(original)
+    def forward_only(f, args, model, data_iterator, num_microbatches, store_prefix="", use_rollout_top_p_replay=False):
+        if store_prefix != TEACHER_STORE_PREFIX:
+            return original(
+                f, args, model, data_iterator, num_microbatches,
+                store_prefix=store_prefix, use_rollout_top_p_replay=use_rollout_top_p_replay,
+            )
+        return run_teacher_pass(original, spec, args, model, data_iterator, num_microbatches)
+
+    return forward_only
+
+
+def wrap_get_batch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_batch(data_iterator, keys, pad_multiplier=128, allgather_cp=False):
+        if TEACHER_TOKEN_LOG_PROBS_KEY not in keys:  # a forward-only pass: untouched
+            return original(data_iterator, keys, pad_multiplier, allgather_cp)
+        extra = [key for key in (*HOST_KEYS, PAYLOAD_KEY) if key not in keys]
+        return add_teacher_inputs(original(data_iterator, [*keys, *extra], pad_multiplier, allgather_cp))
+
+    return get_batch
+
+
+def wrap_rollout_data_consumer(original: Callable) -> Callable:
+    """For ``log_rollout_data(rollout_id, args, rollout_data)`` and ``save_debug_train_data(args, *, rollout_id,
+    rollout_data)``: the same call on ``rollout_data`` without the plugin's keys. Keys the function adds to the
+    dict it is given (``log_rollout_data`` adds ``correct_*`` entries) are carried back into ``rollout_data``."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def consumer(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        rollout_data = bound.arguments["rollout_data"]
+        visible = bound.arguments["rollout_data"] = without_plugin_keys(rollout_data)
+        result = original(*bound.args, **bound.kwargs)
+        rollout_data.update(visible)
+        return result
+
+    return consumer
+
+
+def wrap_then(original: Callable, after: Callable[[], None]) -> Callable:
+    """``original`` followed by ``after()`` (the EMA updates after ``train_one_step`` / ``train``)."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        after()
+        return result
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- install / uninstall
+@dataclass
+class Installation:
+    config: SelfDistillConfig
+    # (owner, attribute, the owner's own value before patching): restored by uninstall().
+    replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+    teacher_weights: Optional[TeacherWeights] = None
+
+    def replace(self, owner: Any, name: str, make: Callable[[Callable], Any]) -> None:
+        own_value = inspect.getattr_static(owner, name)
+        self.replaced.append((owner, name, own_value))
+        setattr(owner, name, make(getattr(owner, name)))
+
+    def after_optimizer_step(self) -> None:
+        if self.teacher_weights is not None:  # None in processes without a weights backuper (critic)
+            self.teacher_weights.after_optimizer_step()
+
+    def after_rollout_training(self) -> None:
+        if self.teacher_weights is not None:
+            self.teacher_weights.after_rollout_training()
+
+
+_installation: Optional[Installation] = None
+
+
+def current_installation() -> Optional[Installation]:
+    return _installation
+
+
+def install(args: Any) -> None:
+    """``--custom-megatron-init-path`` hook: check the set-up, then patch slime in this training process."""
+    import importlib
+
+    from megatron.core import mpu
+
+    from slime.observability import train_data_utils, train_metric_utils
+    from slime.utils.tensor_backper import TensorBackuper
+
+    global _installation
+    uninstall()
+    config = SelfDistillConfig.from_args(args)
+    slime_version = slime_compat.verify()
+    check_args(args, config)
+    check_host_memory(args, config, mpu.get_data_parallel_world_size(with_context_parallel=False))
+    spec = TeacherOutputSpec.from_config(config, args.rollout_temperature)
+
+    actor = importlib.import_module(_ACTOR)
+    model = importlib.import_module(_MODEL)
+    from_checkpoint = slime_loads_teacher_checkpoint(args)
+    installation = Installation(config)
+    try:
+        installation.replace(actor, "forward_only", lambda original: wrap_forward_only(original, spec))
+        installation.replace(model, "get_batch", wrap_get_batch)
+        installation.replace(train_metric_utils, "log_rollout_data", wrap_rollout_data_consumer)
+        installation.replace(train_data_utils, "save_debug_train_data", wrap_rollout_data_consumer)
+        if not from_checkpoint:
+
+            def wrap_create(original):
+                def create(source_getter, single_tag):
+                    backuper = original(source_getter, single_tag)
+                    if single_tag is not None:
+                        raise RuntimeError(f"a single-tag weights backuper ({single_tag!r}) cannot hold a teacher")
+                    installation.teacher_weights = TeacherWeights(
+                        config.teacher,
+                        backuper=backuper,
+                        source_getter=source_getter,
+                        ema_rate=config.ema_rate,
+                        ema_update_interval=config.ema_update_interval,
+                    )
+                    return backuper
+
+                return staticmethod(create)
+
+            installation.replace(TensorBackuper, "create", wrap_create)
+        if config.teacher == "ema":
+            if config.ema_update_interval == "step":
+                installation.replace(model, "train_one_step", lambda o: wrap_then(o, installation.after_optimizer_step))
+            installation.replace(actor, "train", lambda o: wrap_then(o, installation.after_rollout_training))
+    except BaseException:
+        _restore(installation)
+        raise
+    _installation = installation
+    teacher = "the --opd-teacher-load checkpoint" if from_checkpoint else f"a {config.teacher} teacher"
+    logger.info(
+        "slime_self_distill hooks installed on slime %s (checked against %s): %s scope, %s; patched %s",
+        slime_version, slime_compat.CHECKED_SLIME_COMMIT[:9], config.kl_scope, teacher, ", ".join(f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in installation.replaced),
+    )
+
+
+def _restore(installation: Installation) -> None:
+    for owner, name, own_value in reversed(installation.replaced):
+        setattr(owner, name, own_value)
+    installation.replaced.clear()
+
+
+def uninstall() -> None:
+    """Put every patched slime attribute back (tests; a second ``install`` in the same process)."""
+    global _installation
+    if _installation is not None:
+        _restore(_installation)
+        _installation = None

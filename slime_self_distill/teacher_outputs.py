@@ -1,0 +1,309 @@
+"""From the teacher's logits on the teacher sequence to the teacher inputs of the loss, in the student's layout.
+
+Pure torch (plus optional process groups); no slime import. The Megatron glue (``megatron_hooks``) feeds it the
+response rows of the teacher's logits, one sample at a time, as slime's ``get_responses`` extracts them.
+
+Per sample, with ``R`` response tokens and this tensor-parallel rank's vocabulary shard of ``V_local`` columns:
+
+* ``teacher_log_probs`` [R] fp32: log p_teacher(y_t) of the student's sampled token, always;
+* ``teacher_topk_log_probs`` [R, K] fp32 and ``teacher_topk_indices`` [R, K] int64 (global vocabulary ids), for the
+  'topk' scope: the teacher's K most likely tokens over the whole (sharded) vocabulary, identical on every TP rank;
+* ``teacher_full_log_probs`` [R, V_local] in ``full_vocab_storage_dtype``, for the 'full_vocab' scope: this rank's
+  shard of the teacher's log-softmax.
+
+Everything is at the rollout temperature (logits / temperature), like slime's own log-probabilities.
+
+Context parallelism: slime splits each sequence into 2 * cp_size chunks and gives rank r chunks r and
+2 * cp_size - 1 - r ("zigzag"); which response rows a rank holds depends on the sequence's total length. The teacher
+sequence is longer than the student's, so its rows are re-laid-out to the student's layout
+(``relayout_cp_rows``) before the loss, which sees the student's logits, can use them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.divergences import vocab_parallel_log_softmax, vocab_parallel_topk
+from slime_self_distill.teacher_view import (
+    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_TOKEN_LOG_PROBS_KEY,
+    TEACHER_TOPK_INDICES_KEY,
+    TEACHER_TOPK_LOG_PROBS_KEY,
+)
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Keys kept in host memory between the teacher pass and the training step (moved to the GPU per micro-batch). The
+# memory is pageable, not pinned: PyTorch's pinned-memory allocator rounds every block up to a power of two (up to
+# 2x the store), while pageable memory costs exactly what the estimate below counts.
+HOST_KEYS = (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY, TEACHER_FULL_LOG_PROBS_KEY)
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class TeacherOutputSpec:
+    """What the teacher pass produces; built from the configuration and slime's ``--rollout-temperature``."""
+
+    kl_scope: str
+    topk: int
+    temperature: float
+    chunk_size: int
+    full_vocab_storage_dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, config: SelfDistillConfig, temperature: float) -> "TeacherOutputSpec":
+        if not temperature > 0:
+            raise ConfigError(f"--rollout-temperature must be > 0 for teacher log-probabilities, got {temperature}")
+        return cls(
+            kl_scope=config.kl_scope,
+            topk=config.topk,
+            temperature=float(temperature),
+            chunk_size=config.chunk_size,
+            full_vocab_storage_dtype=STORAGE_DTYPES[config.full_vocab_storage_dtype],
+        )
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        extra = {
+            "full_vocab": (TEACHER_FULL_LOG_PROBS_KEY,),
+            "topk": (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY),
+            "sampled_token": (),
+        }[self.kl_scope]
+        return (TEACHER_TOKEN_LOG_PROBS_KEY, *extra)
+
+
+def _rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@torch.no_grad()
+def compute_teacher_outputs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    spec: TeacherOutputSpec,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> dict[str, torch.Tensor]:
+    """Teacher outputs of one sample's response rows that this rank holds (the teacher sequence's CP layout).
+
+    ``logits`` [N, V_local]: the teacher's raw logits (not divided by temperature) at the positions that predict the
+    response tokens ``tokens`` [N] (global vocabulary ids). Rows are processed ``spec.chunk_size`` at a time, so the
+    fp32 log-softmax never exceeds chunk_size x V_local on the device. ``teacher_log_probs`` stays on
+    ``logits.device``; the ``HOST_KEYS`` outputs are written chunk by chunk to host memory.
+    """
+    if logits.dim() != 2 or tokens.dim() != 1 or logits.size(0) != tokens.size(0):
+        raise ValueError(
+            f"expected logits [N, V_local] and tokens [N], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
+    num_rows, vocab_local = logits.shape
+    tp_rank, tp_size = _rank_and_size(tp_group)
+    vocab_start = tp_rank * vocab_local
+    if spec.kl_scope == "topk" and spec.topk > vocab_local * tp_size:
+        raise ConfigError(
+            f"{flag_name('topk')} {spec.topk} is larger than the vocabulary ({vocab_local * tp_size}); use a smaller K"
+        )
+
+    outputs = {TEACHER_TOKEN_LOG_PROBS_KEY: torch.empty(num_rows, dtype=torch.float32, device=logits.device)}
+    if spec.kl_scope == "topk":
+        outputs[TEACHER_TOPK_LOG_PROBS_KEY] = torch.empty(num_rows, spec.topk, dtype=torch.float32)
+        outputs[TEACHER_TOPK_INDICES_KEY] = torch.empty(num_rows, spec.topk, dtype=torch.int64)
+    elif spec.kl_scope == "full_vocab":
+        outputs[TEACHER_FULL_LOG_PROBS_KEY] = torch.empty(num_rows, vocab_local, dtype=spec.full_vocab_storage_dtype)
+
+    for start in range(0, num_rows, spec.chunk_size):
+        end = min(start + spec.chunk_size, num_rows)
+        log_probs = vocab_parallel_log_softmax(logits[start:end].float() / spec.temperature, tp_group)
+        local_ids = tokens[start:end].long() - vocab_start
+        in_shard = (local_ids >= 0) & (local_ids < vocab_local)
+        picked = log_probs.gather(1, local_ids.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
+        # where, not multiply: a -inf log-probability outside this shard must not become NaN.
+        picked_and_owner_count = torch.stack([torch.where(in_shard, picked, 0.0), in_shard.float()], dim=1)
+        if tp_group is not None:
+            dist.all_reduce(picked_and_owner_count, group=tp_group)
+        owners = picked_and_owner_count[:, 1]
+        if not bool((owners == 1).all()):
+            bad = int(torch.nonzero(owners != 1)[0, 0]) + start
+            raise ValueError(
+                f"response token {int(tokens[bad])} at row {bad} is outside the vocabulary of size "
+                f"{vocab_local * tp_size}; the teacher tokens must come from the student's tokenizer"
+            )
+        outputs[TEACHER_TOKEN_LOG_PROBS_KEY][start:end] = picked_and_owner_count[:, 0]
+        if spec.kl_scope == "topk":
+            values, indices = vocab_parallel_topk(log_probs, spec.topk, tp_group)
+            outputs[TEACHER_TOPK_LOG_PROBS_KEY][start:end] = values
+            outputs[TEACHER_TOPK_INDICES_KEY][start:end] = indices
+        elif spec.kl_scope == "full_vocab":
+            outputs[TEACHER_FULL_LOG_PROBS_KEY][start:end] = log_probs.to(spec.full_vocab_storage_dtype)
+    return outputs
+
+
+# ---------------------------------------------------------------------- context-parallel layout
+def cp_response_rows(
+    total_length: int, response_length: int, cp_rank: int, cp_size: int
+) -> tuple[tuple[int, int], ...]:
+    """Response rows ``[start, end)`` that CP rank ``cp_rank`` holds, in its local order (first chunk, then second).
+
+    Row j is the logit at sequence position prompt_length - 1 + j, which predicts response token j. slime pads the
+    sequence to 2 * cp_size equal chunks of ceil(total_length / (2 * cp_size)) positions; rank r holds chunks r and
+    2 * cp_size - 1 - r. Empty ranges are left out.
+    """
+    if cp_size == 1:
+        return ((0, response_length),) if response_length else ()
+    prompt_length = total_length - response_length
+    chunk = -(-total_length // (2 * cp_size))
+    ranges = []
+    for chunk_index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+        first = max(chunk_index * chunk, prompt_length - 1)
+        last = min((chunk_index + 1) * chunk, total_length - 1)
+        if first < last:
+            ranges.append((first - (prompt_length - 1), last - (prompt_length - 1)))
+    return tuple(ranges)
+
+
+def _num_rows(ranges: tuple[tuple[int, int], ...]) -> int:
+    return sum(end - start for start, end in ranges)
+
+
+@torch.no_grad()
+def relayout_cp_rows(
+    local: torch.Tensor,
+    *,
+    response_length: int,
+    source_total_length: int,
+    target_total_length: int,
+    cp_group: Optional[dist.ProcessGroup] = None,
+    block_rows: int = 1024,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Move per-response-row values from the CP layout of a sequence of ``source_total_length`` tokens to the layout
+    of one of ``target_total_length`` tokens with the same ``response_length`` response (teacher -> student).
+
+    ``local`` [rows held here, ...] in the source layout; the result [rows the target layout holds here, ...] is
+    allocated where ``local`` is. Rows travel ``block_rows`` at a time through
+    ``device`` (default: ``local``'s; the CP group's backend must reach it): each rank writes the rows it owns into
+    a zero block and the CP group sums it. The sum runs on the raw bytes (uint8), which is exact for every dtype
+    because exactly one rank owns each row. Every CP rank must call this for the same samples in the same order.
+    """
+    cp_rank, cp_size = _rank_and_size(cp_group)
+    source = cp_response_rows(source_total_length, response_length, cp_rank, cp_size)
+    if local.size(0) != _num_rows(source):
+        raise ValueError(
+            f"expected {_num_rows(source)} local response rows for a {source_total_length}-token sequence with a "
+            f"{response_length}-token response on CP rank {cp_rank}/{cp_size}, got {local.size(0)}"
+        )
+    if cp_size == 1:
+        return local
+    device = local.device if device is None else torch.device(device)
+    target = cp_response_rows(target_total_length, response_length, cp_rank, cp_size)
+    trailing = tuple(local.shape[1:])
+    out_shape = (_num_rows(target), *trailing)
+    out = local.new_empty(out_shape)
+
+    def placements(ranges):  # (response row start, response row end, offset in the local tensor)
+        offset, result = 0, []
+        for start, end in ranges:
+            result.append((start, end, offset))
+            offset += end - start
+        return result
+
+    for block_start in range(0, response_length, block_rows):
+        block_end = min(block_start + block_rows, response_length)
+        block = torch.zeros((block_end - block_start, *trailing), dtype=local.dtype, device=device)
+        for start, end, offset in placements(source):
+            lo, hi = max(start, block_start), min(end, block_end)
+            if lo < hi:
+                block[lo - block_start : hi - block_start] = local[offset + lo - start : offset + hi - start]
+        dist.all_reduce(block.view(-1).view(torch.uint8), group=cp_group)
+        for start, end, offset in placements(target):
+            lo, hi = max(start, block_start), min(end, block_end)
+            if lo < hi:
+                out[offset + lo - start : offset + hi - start] = block[lo - block_start : hi - block_start]
+    return out
+
+
+# ---------------------------------------------------------------------- host-memory estimate
+@dataclass(frozen=True)
+class TeacherStoreLayout:
+    """What sizes one rollout's teacher store: the rollout and the parallel layout of the training ranks."""
+
+    num_samples: int  # samples per rollout: --rollout-batch-size x --n-samples-per-prompt
+    max_response_len: int  # --rollout-max-response-len (upper bound of every response)
+    padded_vocab_size: int  # the model's (padded) vocabulary: the logits' width over all TP ranks
+    tp_size: int
+    cp_size: int
+    dp_size: int
+    gpus_per_node: int
+
+    @property
+    def ranks_per_node(self) -> int:
+        # Only the last pipeline stage keeps teacher outputs: dp x tp x cp ranks, consecutive in Megatron's rank
+        # order (pipeline outermost), so a node holds at most gpus_per_node of them.
+        return min(self.gpus_per_node, self.dp_size * self.tp_size * self.cp_size)
+
+    @property
+    def rows_per_rank(self) -> int:
+        # A rank holds its data-parallel share of the samples and about 1/cp_size of each response's rows.
+        return -(-self.num_samples // self.dp_size) * -(-self.max_response_len // self.cp_size)
+
+
+def teacher_store_bytes_per_node(layout: TeacherStoreLayout, *, kl_scope: str, topk: int,
+                                 storage_dtype: torch.dtype) -> int:
+    """Host bytes per node of one rollout's teacher store, kept from the teacher pass to the end of training.
+
+    'full_vocab': V / tp_size values of ``storage_dtype`` per response row; 'topk': K fp32 values + K int64 ids
+    per row; 'sampled_token': nothing on the host (its [R] fp32 teacher log-probs stay on the GPU, like slime's).
+    """
+    if kl_scope == "full_vocab":
+        row_bytes = -(-layout.padded_vocab_size // layout.tp_size) * torch.empty((), dtype=storage_dtype).element_size()
+    elif kl_scope == "topk":
+        row_bytes = topk * (4 + 8)
+    else:
+        row_bytes = 0
+    return layout.rows_per_rank * row_bytes * layout.ranks_per_node
+
+
+def available_host_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free plus reclaimable cache); the free physical pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_full_vocab_store_fits(layout: TeacherStoreLayout, config: SelfDistillConfig, budget_bytes: int) -> None:
+    """Refuse a full_vocab run whose teacher store would not fit the host-memory budget, proposing 'topk'."""
+    if config.kl_scope != "full_vocab":
+        return
+    needed = teacher_store_bytes_per_node(
+        layout, kl_scope="full_vocab", topk=config.topk, storage_dtype=STORAGE_DTYPES[config.full_vocab_storage_dtype]
+    )
+    if needed <= budget_bytes:
+        return
+    topk_needed = teacher_store_bytes_per_node(layout, kl_scope="topk", topk=config.topk, storage_dtype=torch.float32)
+    raise ConfigError(
+        f"{flag_name('kl_scope')} full_vocab would keep about {needed / GIB:.1f} GiB of teacher log-probabilities in "
+        f"host memory per node ({layout.num_samples} samples x up to {layout.max_response_len} tokens x "
+        f"{layout.padded_vocab_size} vocabulary entries in {config.full_vocab_storage_dtype}, "
+        f"{layout.ranks_per_node} training ranks per node with TP={layout.tp_size}, CP={layout.cp_size}, "
+        f"DP={layout.dp_size}), over the budget of {budget_bytes / GIB:.1f} GiB ({flag_name('host_memory_budget_gb')}, "
+        f"default 80% of the memory available at start-up). Use {flag_name('kl_scope')} topk {flag_name('topk')} "
+        f"{config.topk} (about {topk_needed / GIB:.2f} GiB per node), or reduce --rollout-batch-size, "
+        f"--n-samples-per-prompt or --rollout-max-response-len, or raise the budget."
+    )
+
+
+def host_memory_budget_bytes(config: SelfDistillConfig) -> int:
+    """--self-distill-host-memory-budget-gb, else 80% of the host memory available now."""
+    if config.host_memory_budget_gb is not None:
+        return int(config.host_memory_budget_gb * GIB)
+    return int(0.8 * available_host_memory_bytes())

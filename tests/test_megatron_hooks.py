@@ -1,0 +1,432 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slime_self_distill import megatron_hooks
+from slime_self_distill.config import ConfigError, SelfDistillConfig
+from slime_self_distill.megatron_hooks import (
+    add_teacher_inputs,
+    build_teacher_rollout_data,
+    check_args,
+    split_micro_batches_by_tokens,
+    without_plugin_keys,
+    wrap_rollout_data_consumer,
+    wrap_then,
+)
+from slime_self_distill.teacher_outputs import TeacherStoreLayout, teacher_store_bytes_per_node
+from slime_self_distill.teacher_view import (
+    LOSS_WEIGHTS_KEY,
+    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_TOKEN_LOG_PROBS_KEY,
+    TEACHER_TOPK_INDICES_KEY,
+    TEACHER_TOPK_LOG_PROBS_KEY,
+    TeacherView,
+)
+from tests.slime_cpu_harness import (
+    TinyCausalLM,
+    TorchWithoutPinnedMemory,
+    brute_force_teacher,
+    free_port,
+    import_slime_megatron,
+    init_gloo,
+    make_args,
+    make_rollout,
+    needs_slime,
+    point_slime_at_cpu,
+)
+
+# The key list of slime's train_one_step (model.py), as a training batch requests it.
+TRAIN_KEYS = [
+    "tokens", "multimodal_train_inputs", "packed_seq_params", "total_lengths", "response_lengths", "loss_masks",
+    "log_probs", "ref_log_probs", "values", "advantages", "returns", "rollout_log_probs", "teacher_log_probs",
+    "rollout_mask_sums",
+]
+# The key list of slime's forward_only.
+FORWARD_KEYS = ["tokens", "loss_masks", "multimodal_train_inputs", "total_lengths", "response_lengths"]
+SCOPE_ARGS = {
+    "sampled_token": dict(self_distill_kl_scope="sampled_token"),
+    "topk": dict(self_distill_kl_scope="topk", self_distill_topk=5),
+    "full_vocab": dict(self_distill_kl_scope="full_vocab", self_distill_full_vocab_storage_dtype="float32"),
+}
+
+
+# ---------------------------------------------------------------------- pure pieces
+def test_split_keeps_order_and_every_sample_and_respects_the_cap():
+    lengths = [10, 30, 5, 50, 20, 20, 20, 1]
+    indices, counts = split_micro_batches_by_tokens([[0, 1, 2], [3, 4], [5, 6, 7]], [2, 1], lengths, 40)
+    assert indices == [[0, 1], [2], [3], [4], [5, 6], [7]]
+    assert counts == [4, 2]
+    assert sum(indices, []) == list(range(8))
+    for micro_batch in indices:
+        assert len(micro_batch) == 1 or sum(lengths[i] for i in micro_batch) <= 40
+
+
+def test_split_leaves_fitting_micro_batches_alone():
+    assert split_micro_batches_by_tokens([[0, 1], [2]], [1, 1], [3, 4, 5], 100) == ([[0, 1], [2]], [1, 1])
+    with pytest.raises(ValueError, match="does not cover"):
+        split_micro_batches_by_tokens([[0, 1], [2]], [1], [3, 4, 5], 100)
+
+
+def test_teacher_rollout_data_uses_teacher_tokens_and_placeholders():
+    rollout = make_rollout(5)
+    teacher = build_teacher_rollout_data(rollout)
+    for index, view in enumerate(rollout["prompt"]):
+        expected = view.tokens if view.has_teacher else tuple(rollout["tokens"][index].tolist())
+        assert tuple(teacher["tokens"][index].tolist()) == expected
+        assert teacher["total_lengths"][index] == len(expected)
+    assert teacher["response_lengths"] == rollout["response_lengths"]
+    assert teacher["loss_masks"] is rollout["loss_masks"]
+    assert not rollout["prompt"][2].has_teacher and teacher["tokens"][2] is rollout["tokens"][2]
+
+
+@pytest.mark.parametrize(
+    "corrupt, error, match",
+    [
+        (lambda r: r.pop("prompt"), RuntimeError, "no 'prompt' key"),
+        (lambda r: r["prompt"].pop(), ValueError, "4 entries for 5 samples"),
+        (lambda r: r["prompt"].__setitem__(1, "text"), TypeError, r"\['prompt'\]\[1\] is a str, not a TeacherView"),
+        (lambda r: r["response_lengths"].__setitem__(0, r["response_lengths"][0] + 1), ValueError, "sample 0"),
+        (lambda r: r["tokens"][3].__setitem__(-1, (r["tokens"][3][-1] + 1) % 24), ValueError,
+         "sample 3: the teacher sequence does not end with the student's response"),
+        (lambda r: r.__setitem__("multimodal_train_inputs", [None, {"pixels": 1}, None, None, None]), ValueError,
+         "multimodal"),
+    ],
+)
+def test_teacher_rollout_data_refuses_bad_payloads(corrupt, error, match):
+    rollout = make_rollout(6)
+    corrupt(rollout)
+    with pytest.raises(error, match=match):
+        build_teacher_rollout_data(rollout)
+
+
+def test_training_batch_gets_loss_weights_and_device_copies():
+    views = [TeacherView((1, 2, 3), 1, True, 1.5), TeacherView((), 2, False, 0.0, reason="no teacher")]
+    host = [torch.randn(1, 4), torch.randn(2, 4)]
+    masks = [torch.ones(1, dtype=torch.int), torch.ones(2, dtype=torch.int)]
+    batch = {"tokens": torch.zeros(1, 8, dtype=torch.long), "prompt": views, TEACHER_TOPK_LOG_PROBS_KEY: host,
+             TEACHER_TOPK_INDICES_KEY: None, "loss_masks": list(masks)}
+    add_teacher_inputs(batch)
+    assert "prompt" not in batch
+    assert torch.equal(batch[LOSS_WEIGHTS_KEY], torch.tensor([1.5, 0.0]))
+    # the sample without a teacher leaves slime's token count; the rollout's own mask tensors are untouched
+    assert batch["loss_masks"][0] is masks[0] and batch["loss_masks"][1].tolist() == [0, 0]
+    assert masks[1].tolist() == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(batch[TEACHER_TOPK_LOG_PROBS_KEY], host))
+    assert batch[TEACHER_TOPK_INDICES_KEY] is None  # absent (e.g. not the last pipeline stage): left as slime does
+    with pytest.raises(RuntimeError, match="no 'prompt' TeacherView payload"):
+        add_teacher_inputs({"tokens": torch.zeros(1, 1), "prompt": None, "loss_masks": []})
+
+
+def test_consumers_see_rollout_data_without_plugin_keys_and_keep_their_additions():
+    seen = {}
+
+    def log_rollout_data(rollout_id, args, rollout_data):
+        seen.update(rollout_data)
+        rollout_data["correct_entropy"] = [0.5]
+
+    rollout = {"tokens": [1], "prompt": ["view"], TEACHER_TOKEN_LOG_PROBS_KEY: [2], TEACHER_FULL_LOG_PROBS_KEY: [3],
+               TEACHER_TOPK_LOG_PROBS_KEY: [4], TEACHER_TOPK_INDICES_KEY: [5]}
+    wrap_rollout_data_consumer(log_rollout_data)(7, None, rollout_data=rollout)
+    assert set(seen) == {"tokens", TEACHER_TOKEN_LOG_PROBS_KEY}
+    assert rollout["correct_entropy"] == [0.5] and rollout["prompt"] == ["view"]
+    assert set(without_plugin_keys(rollout)) == {"tokens", TEACHER_TOKEN_LOG_PROBS_KEY, "correct_entropy"}
+
+
+def test_wrap_then_runs_the_hook_after_the_function():
+    calls = []
+    wrapped = wrap_then(lambda x, *, y: calls.append(("step", x, y)) or "result", lambda: calls.append("after"))
+    assert wrapped(1, y=2) == "result"
+    assert calls == [("step", 1, 2), "after"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(compute_advantages_and_returns=False), "--disable-compute-advantages-and-returns"),
+        (dict(loss_type="policy_loss"), "--loss-type custom_loss"),
+        (dict(allgather_cp=True, context_parallel_size=2), "--allgather-cp"),
+        (dict(use_opd=True, opd_type="sglang"), "--opd-type sglang"),
+        (dict(use_opd=True, opd_type="megatron", self_distill_teacher="ema", opd_kl_coef=0.0),
+         "--self-distill-teacher ema builds the teacher from the student"),
+        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0), "--opd-kl-coef 0"),
+    ],
+)
+def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overrides, match):
+    args = make_args(**overrides)
+    with pytest.raises(ConfigError, match=match):
+        check_args(args, SelfDistillConfig.from_args(args))
+
+
+def test_frozen_checkpoint_teacher_with_opd_kl_off_is_accepted():
+    args = make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0)
+    check_args(args, SelfDistillConfig.from_args(args))
+    assert megatron_hooks.slime_loads_teacher_checkpoint(args)
+    assert not megatron_hooks.slime_loads_teacher_checkpoint(make_args())
+
+
+# ---------------------------------------------------------------------- slime's real passes on CPU
+@pytest.fixture(scope="module")
+def slime_megatron():
+    slime = import_slime_megatron()
+    from megatron.core import mpu
+
+    created_group = not dist.is_initialized()
+    if created_group:
+        init_gloo(0, 1, free_port())
+    created_model_parallel = not mpu.model_parallel_is_initialized()
+    if created_model_parallel:
+        mpu.initialize_model_parallel(1, 1)
+    yield slime
+    if created_model_parallel:
+        mpu.destroy_model_parallel()
+    if created_group:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def slime_cpu(slime_megatron, monkeypatch):
+    point_slime_at_cpu(monkeypatch.setattr)
+    yield slime_megatron
+    megatron_hooks.uninstall()
+
+
+def log_prob_pass(slime, args, model, rollout, store_prefix):
+    """What MegatronTrainRayActor.train_actor does for one pass (its real compute_log_prob)."""
+    actor = SimpleNamespace(args=args, model=[model])
+    iterators = slime.data.get_data_iterator(rollout)
+    return slime.actor.MegatronTrainRayActor.compute_log_prob(
+        actor, iterators, rollout["num_microbatches"], store_prefix=store_prefix
+    )
+
+
+def assert_matches_brute_force(model, rollout, outputs, scope, temperature):
+    for index, view in enumerate(rollout["prompt"]):
+        sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
+        reference, response = brute_force_teacher(model, sequence, view.response_length, temperature)
+        token_reference = reference.gather(1, response.unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY][index].double(), token_reference,
+                                   rtol=0, atol=2e-5)
+        if scope == "topk":
+            values, indices = reference.sort(dim=-1, descending=True)
+            assert torch.equal(outputs[TEACHER_TOPK_INDICES_KEY][index], indices[:, :5])
+            torch.testing.assert_close(outputs[TEACHER_TOPK_LOG_PROBS_KEY][index].double(), values[:, :5],
+                                       rtol=0, atol=2e-5)
+        if scope == "full_vocab":
+            torch.testing.assert_close(outputs[TEACHER_FULL_LOG_PROBS_KEY][index].double(), reference,
+                                       rtol=0, atol=2e-5)
+
+
+@needs_slime
+@pytest.mark.parametrize("scope", list(SCOPE_ARGS))
+def test_teacher_pass_equals_brute_force_on_the_teacher_sequences(slime_cpu, scope):
+    args = make_args(**SCOPE_ARGS[scope])
+    megatron_hooks.install(args)
+    model, rollout = TinyCausalLM(), make_rollout(11)
+    outputs = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
+    expected_keys = {
+        "sampled_token": {TEACHER_TOKEN_LOG_PROBS_KEY},
+        "topk": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY},
+        "full_vocab": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_FULL_LOG_PROBS_KEY},
+    }[scope]
+    assert set(outputs) == expected_keys
+    assert_matches_brute_force(model, rollout, outputs, scope, args.rollout_temperature)
+
+
+@needs_slime
+def test_student_and_reference_passes_are_untouched(slime_cpu):
+    args = make_args(**SCOPE_ARGS["topk"])
+    model, rollout = TinyCausalLM(), make_rollout(12)
+    before = {prefix: log_prob_pass(slime_cpu, args, model, rollout, prefix) for prefix in ("", "ref_")}
+    megatron_hooks.install(args)
+    for prefix in ("", "ref_"):
+        after = log_prob_pass(slime_cpu, args, model, rollout, prefix)
+        assert after.keys() == before[prefix].keys() == {f"{prefix}log_probs"}
+        assert all(torch.equal(a, b) for a, b in zip(after[f"{prefix}log_probs"], before[prefix][f"{prefix}log_probs"]))
+    teacher = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
+    for index, view in enumerate(rollout["prompt"]):
+        same = torch.allclose(teacher[TEACHER_TOKEN_LOG_PROBS_KEY][index], before[""]["log_probs"][index])
+        assert same == (not view.has_teacher)  # the teacher prompt changes the log-probs; a placeholder does not
+
+
+@needs_slime
+def test_training_batches_carry_the_teacher_inputs_and_forward_batches_do_not(slime_cpu):
+    args = make_args(**SCOPE_ARGS["topk"])
+    megatron_hooks.install(args)
+    model, rollout = TinyCausalLM(), make_rollout(13)
+    rollout.update(log_prob_pass(slime_cpu, args, model, rollout, "teacher_"))
+    iterator = slime_cpu.data.get_data_iterator(rollout)[0]
+    for micro_batch in rollout["micro_batch_indices"]:
+        batch = slime_cpu.model.get_batch(iterator, TRAIN_KEYS, args.data_pad_size_multiplier, False)
+        assert "prompt" not in batch
+        assert batch[LOSS_WEIGHTS_KEY].tolist() == [rollout["prompt"][i].loss_weight for i in micro_batch]
+        for key in (TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY):
+            assert all(torch.equal(a, rollout[key][i]) for a, i in zip(batch[key], micro_batch, strict=True))
+    iterator.reset()
+    batch = slime_cpu.model.get_batch(iterator, FORWARD_KEYS, args.data_pad_size_multiplier, False)
+    assert not {LOSS_WEIGHTS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, "prompt"} & set(batch)
+
+
+@needs_slime
+def test_dynamic_micro_batches_are_split_for_the_longer_teacher_sequences(slime_cpu):
+    args = make_args(use_dynamic_batch_size=True, max_tokens_per_gpu=30, **SCOPE_ARGS["full_vocab"])
+    megatron_hooks.install(args)
+    model, rollout = TinyCausalLM(), make_rollout(14, num_samples=6)
+    teacher_lengths = build_teacher_rollout_data(rollout)["total_lengths"]
+    assert any(sum(teacher_lengths[i] for i in mb) > 30 for mb in rollout["micro_batch_indices"])
+    outputs = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
+    assert model.forward_calls > len(rollout["micro_batch_indices"])
+    assert_matches_brute_force(model, rollout, outputs, "full_vocab", args.rollout_temperature)
+
+
+@needs_slime
+def test_full_vocab_store_is_what_the_estimate_says(slime_cpu):
+    args = make_args(**SCOPE_ARGS["full_vocab"])
+    megatron_hooks.install(args)
+    rollout = make_rollout(15, num_samples=4, full_length_responses=True, max_response_len=9)
+    outputs = log_prob_pass(slime_cpu, args, TinyCausalLM(), rollout, "teacher_")
+    stored = sum(t.nbytes for t in outputs[TEACHER_FULL_LOG_PROBS_KEY])
+    layout = TeacherStoreLayout(num_samples=4, max_response_len=9, padded_vocab_size=24, tp_size=1, cp_size=1,
+                                dp_size=1, gpus_per_node=1)
+    assert stored == teacher_store_bytes_per_node(layout, kl_scope="full_vocab", topk=5, storage_dtype=torch.float32)
+
+
+@needs_slime
+def test_full_vocab_run_over_the_host_budget_is_refused_at_install(slime_cpu):
+    args = make_args(self_distill_host_memory_budget_gb=1.0, rollout_batch_size=64, n_samples_per_prompt=8,
+                     rollout_max_response_len=8192, padded_vocab_size=151936)
+    with pytest.raises(ConfigError, match="--self-distill-kl-scope topk"):
+        megatron_hooks.install(args)
+    assert megatron_hooks.current_installation() is None
+
+
+@needs_slime
+def test_slimes_metrics_crash_on_plugin_keys_unless_installed(slime_cpu):
+    from slime.observability import train_metric_utils
+
+    args = make_args(**SCOPE_ARGS["topk"])
+    megatron_hooks.install(args)
+    model, rollout = TinyCausalLM(), make_rollout(16)
+    rollout.update(log_prob_pass(slime_cpu, args, model, rollout, "teacher_"))
+    rollout.update(log_prob_pass(slime_cpu, args, model, rollout, ""))
+    rollout["global_batch_sizes"] = [len(rollout["tokens"])]
+    metric_args = make_args(log_correct_samples=False, ci_test=False, log_multi_turn=False, log_passrate=False,
+                            use_wandb=False, use_tensorboard=False, wandb_always_use_train_step=False)
+    train_metric_utils.log_rollout_data(0, metric_args, rollout)  # the installed wrapper
+    assert TEACHER_TOPK_INDICES_KEY in rollout and "prompt" in rollout  # still there for training
+    megatron_hooks.uninstall()
+    with pytest.raises(TypeError):
+        train_metric_utils.log_rollout_data(0, metric_args, rollout)
+
+
+@needs_slime
+def test_uninstall_restores_slime_and_install_is_repeatable(slime_cpu):
+    from slime.observability import train_data_utils, train_metric_utils
+    from slime.utils.tensor_backper import TensorBackuper
+
+    from slime_self_distill import slime_compat
+
+    def current():
+        return (slime_cpu.actor.forward_only, slime_cpu.actor.train, slime_cpu.model.get_batch,
+                slime_cpu.model.train_one_step, train_metric_utils.log_rollout_data,
+                train_data_utils.save_debug_train_data, TensorBackuper.__dict__["create"])
+
+    original = current()
+    args = make_args(self_distill_teacher="ema", self_distill_kl_scope="sampled_token")
+    megatron_hooks.install(args)
+    megatron_hooks.install(args)
+    patched = current()
+    assert all(p is not o for p, o in zip(patched, original))
+    assert slime_cpu.actor.forward_only.__wrapped__ is original[0]
+    assert slime_cpu.model.train_one_step.__wrapped__ is original[3]
+    megatron_hooks.uninstall()
+    assert current() == original
+    slime_compat.verify()
+
+
+@needs_slime
+def test_a_checkpoint_teacher_leaves_the_backuper_and_training_alone(slime_cpu):
+    from slime.utils.tensor_backper import TensorBackuper
+
+    original_create = TensorBackuper.__dict__["create"]
+    megatron_hooks.install(make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0))
+    assert TensorBackuper.__dict__["create"] is original_create
+    assert not hasattr(slime_cpu.model.train_one_step, "__wrapped__")
+
+
+@needs_slime
+def test_ema_teacher_is_set_up_with_the_backuper_and_updated_by_the_hooks(slime_cpu, monkeypatch):
+    from slime.utils import tensor_backper
+
+    monkeypatch.setattr(tensor_backper, "torch", TorchWithoutPinnedMemory())
+    megatron_hooks.install(make_args(self_distill_teacher="ema", self_distill_ema_rate=0.5))
+    model = TinyCausalLM()
+    backuper = tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)  # as slime's init does
+    installation = megatron_hooks.current_installation()
+    weights = installation.teacher_weights
+    assert weights is not None and weights.kind == "ema" and "teacher" in backuper.backup_tags
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    installation.after_optimizer_step()
+    installation.after_rollout_training()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(backuper.get("teacher")[name], initial[name] + 0.5)
+
+
+# ---------------------------------------------------------------------- TP=2 and CP=2 with two gloo processes
+def _parallel_worker(rank, port):
+    slime = import_slime_megatron()
+    from megatron.core import mpu
+
+    init_gloo(rank, 2, port)
+    point_slime_at_cpu()
+    temperature = make_args().rollout_temperature
+    for tp_size, cp_size in ((2, 1), (1, 2)):
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
+        for scope, scope_args in SCOPE_ARGS.items():
+            args = make_args(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size, **scope_args)
+            megatron_hooks.install(args)
+            # a 1-token response sits on one CP rank only; the others hold no row of it
+            model, rollout = TinyCausalLM(), make_rollout(21, num_samples=6, response_lengths=(1, 12, 3, 7, 2, 9))
+            rollout.update(log_prob_pass(slime, args, model, rollout, "teacher_"))
+            rollout.update(log_prob_pass(slime, args, model, rollout, ""))
+            for index, view in enumerate(rollout["prompt"]):
+                sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
+                reference, response = brute_force_teacher(model, sequence, view.response_length, temperature)
+
+                def student_layout(values):  # the student's CP layout, by slime's own slicing function
+                    return slime.cp_utils.slice_log_prob_with_cp(
+                        values, rollout["total_lengths"][index], view.response_length)
+
+                got = rollout[TEACHER_TOKEN_LOG_PROBS_KEY][index]
+                assert got.shape == rollout["log_probs"][index].shape  # row for row with the student's logits
+                token_reference = reference.gather(1, response.unsqueeze(1)).squeeze(1)
+                torch.testing.assert_close(got.double(), student_layout(token_reference), rtol=0, atol=2e-5)
+                if scope == "topk":
+                    values, indices = reference.sort(dim=-1, descending=True)
+                    assert torch.equal(rollout[TEACHER_TOPK_INDICES_KEY][index], student_layout(indices[:, :5]))
+                    torch.testing.assert_close(rollout[TEACHER_TOPK_LOG_PROBS_KEY][index].double(),
+                                               student_layout(values[:, :5]), rtol=0, atol=2e-5)
+                if scope == "full_vocab":
+                    shard = reference.size(1) // tp_size
+                    torch.testing.assert_close(rollout[TEACHER_FULL_LOG_PROBS_KEY][index].double(),
+                                               student_layout(reference[:, rank % tp_size * shard:][:, :shard]),
+                                               rtol=0, atol=2e-5)
+            iterator = slime.data.get_data_iterator(rollout)[0]
+            for micro_batch in rollout["micro_batch_indices"]:
+                batch = slime.model.get_batch(iterator, TRAIN_KEYS, args.data_pad_size_multiplier, False)
+                for teacher_values, student_values in zip(batch[TEACHER_TOKEN_LOG_PROBS_KEY], batch["log_probs"]):
+                    assert teacher_values.shape == student_values.shape
+            megatron_hooks.uninstall()
+        mpu.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@needs_slime
+@pytest.mark.distributed
+def test_tensor_and_context_parallel_teacher_outputs_equal_brute_force():
+    mp.spawn(_parallel_worker, args=(free_port(),), nprocs=2)
