@@ -275,12 +275,10 @@ def run_teacher_pass(
 # ---------------------------------------------------------------------- training batches
 def add_teacher_inputs(batch: dict) -> dict:
     """Complete a training batch fetched with the plugin's extra keys: move the host-kept teacher tensors to the
-    batch's device, add ``self_distill_loss_weights`` [B] float32 (``TeacherView.loss_weight``) and zero the loss
-    mask of every sample without a teacher.
+    batch's device and add ``self_distill_loss_weights`` [B] float32 (``TeacherView.loss_weight``).
 
-    The zero mask keeps such a sample's tokens out of slime's token count (``loss_function``'s normalizer with
-    ``--calculate-per-token-loss``), which the loss cannot change; slime still counts 1 for it (it clamps every
-    sample's count at 1). Only this batch's list entry is replaced: the rollout data keeps the real mask."""
+    Samples without a teacher already arrive with an all-zero loss mask (``custom_convert``), which keeps their
+    tokens out of slime's token count; slime still counts 1 for each (it clamps every sample's count at 1)."""
     views = batch.pop(PAYLOAD_KEY)
     if views is None:
         raise RuntimeError(
@@ -292,9 +290,6 @@ def add_teacher_inputs(batch: dict) -> dict:
         if batch.get(key) is not None:
             batch[key] = [value.to(device, non_blocking=True) for value in batch[key]]
     batch[LOSS_WEIGHTS_KEY] = torch.tensor([view.loss_weight for view in views], dtype=torch.float32, device=device)
-    batch["loss_masks"] = [
-        mask if view.has_teacher else torch.zeros_like(mask) for mask, view in zip(batch["loss_masks"], views, strict=True)
-    ]
     return batch
 
 

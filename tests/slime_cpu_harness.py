@@ -184,7 +184,9 @@ def make_rollout(seed: int, *, vocab_size: int = 24, num_samples: int = 5, witho
         response = [rng.randrange(vocab_size) for _ in range(response_length)]
         tokens.append(torch.tensor(prompt + response))
         response_lengths.append(response_length)
-        loss_masks.append(torch.tensor([int(rng.random() > 0.2) for _ in range(response_length)], dtype=torch.int))
+        mask = [int(rng.random() > 0.2) for _ in range(response_length)]
+        # the converter zeroes the loss mask of a sample without a teacher (custom_convert.mask_samples_without_teacher)
+        loss_masks.append(torch.tensor([0] * response_length if index in without_teacher else mask, dtype=torch.int))
         if index in without_teacher:
             views.append(TeacherView((), response_length, False, 0.0, reason="no teacher prompt"))
         else:

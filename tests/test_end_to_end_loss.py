@@ -96,10 +96,8 @@ class Reference:
         return (self.terms[index] * self.rollout["loss_masks"][index].double()).sum()
 
     def token_count(self, index: int) -> int:
-        """slime's count of a sample's loss tokens, at least 1; the hooks zero the mask of a sample without a
-        teacher, so it counts 1 (not its tokens)."""
-        if not self.rollout["prompt"][index].has_teacher:
-            return 1
+        """slime's count of a sample's loss tokens, at least 1 (a sample without a teacher has an all-zero mask from
+        the converter, so it counts 1)."""
         return max(int(self.rollout["loss_masks"][index].sum()), 1)
 
     def micro_batch_objective(self, micro_batch: list[int], per_token: bool, samples_per_step: int) -> torch.Tensor:
