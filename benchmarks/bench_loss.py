@@ -15,6 +15,7 @@ teacher logits, its top-K uses the student's support, its sampled-token loss is 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import statistics
@@ -46,6 +47,14 @@ def _reset_peak() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so that resident memory counts live buffers only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure(step, repeats: int) -> tuple[float, float | None]:
     """(median seconds, extra peak bytes or None) of ``step()``, which runs forward + backward."""
     step()  # warm-up
@@ -56,6 +65,7 @@ def measure(step, repeats: int) -> tuple[float, float | None]:
         step()
         times.append(time.perf_counter() - start)
     gc.collect()
+    _release_free_heap()
     before = _resident_bytes("VmRSS")
     peak = None
     if _reset_peak():
