@@ -17,8 +17,8 @@ from slime_self_distill.templates import (
 from tests.slime_support import requires_slime
 from tests.tokenizer_factory import make_tokenizer
 
-MATH_DOC = pathlib.Path("/work/shared/docs/self-distillation-math.md")
-REPO_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "self-distillation-math.md"
+# The project's math notes live in ../shared beside the checkout (as in CI).
+MATH_DOC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "docs" / "self-distillation-math.md"
 
 CHAT = [
     {"role": "system", "content": "be brief"},
@@ -29,9 +29,9 @@ CHAT = [
 
 
 def official_sdft_template() -> str:
-    doc = next((p for p in (REPO_DOC, MATH_DOC) if p.is_file()), None)
-    if doc is None:
-        pytest.skip("self-distillation-math.md (the SDFT template's source) is not available")
+    doc = MATH_DOC
+    if not doc.is_file():
+        pytest.skip(f"{doc} (the SDFT template's source) is not available")
     text = doc.read_text(encoding="utf-8")
     match = re.search(r"Teacher prompt template of the official code:\s*`(\"[^`]*\")`", text)
     assert match, f"{doc} no longer quotes the official template"
