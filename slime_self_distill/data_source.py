@@ -154,7 +154,13 @@ def check_supported_args(args: Any) -> None:
 
 
 def _build_data_source_class() -> type:
-    from slime.rollout.data_source import RolloutDataSourceWithBuffer
+    try:
+        from slime.rollout.data_source import RolloutDataSourceWithBuffer
+    except ImportError as error:
+        raise ImportError(
+            "SelfDistillRolloutDataSource subclasses slime's RolloutDataSourceWithBuffer, but slime is not "
+            f"importable ({error}); install a THUDM/slime checkout (README 'Running on a cluster')"
+        ) from error
 
     class SelfDistillRolloutDataSource(RolloutDataSourceWithBuffer):
         """slime's buffered data source whose samples carry their rendered teacher prompt (module docstring)."""

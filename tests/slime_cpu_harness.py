@@ -22,14 +22,6 @@ import torch.distributed as dist
 
 from slime_self_distill.teacher_view import TeacherView
 from tests.megatron_standins import install_standins
-from tests.slime_support import requires_slime
-
-
-def needs_slime(test):
-    """Decorator form of ``requires_slime`` (skips, with the reason, when slime is not importable)."""
-    for mark in requires_slime:
-        test = mark(test)
-    return test
 
 
 def import_slime_megatron() -> SimpleNamespace:

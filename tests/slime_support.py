@@ -10,3 +10,10 @@ SKIP_REASON = (
     "(README section 'Testing against slime')"
 )
 requires_slime = [pytest.mark.slime, pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)]
+
+
+def needs_slime(test):
+    """Decorator form of ``requires_slime``."""
+    for mark in requires_slime:
+        test = mark(test)
+    return test

@@ -37,7 +37,7 @@ from slime_self_distill.data_source import (
     SelfDistillDataError,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
-from tests.slime_support import requires_slime
+from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer, save_tokenizer
 
 WORDS = "the quick brown fox jumps over lazy dog what is 12 + 30 answer question response verified solution".split()
@@ -327,12 +327,6 @@ def test_truncate_demonstration_without_demonstration_metadata_is_an_error():
 
 
 # ------------------------------------------------------------------------------- against slime's real code
-def slime_test(test):
-    for mark in requires_slime:
-        test = mark(test)
-    return test
-
-
 def slime_args(hf_checkpoint, **overrides):
     values = dict(
         hf_checkpoint=hf_checkpoint, advantage_estimator="grpo", rewards_normalization=True,
@@ -404,7 +398,7 @@ def assert_same_train_data(ours, theirs):
     dict(args={"advantage_estimator": "reinforce_plus_plus_baseline"}, samples={}),
 ])
 @pytest.mark.parametrize("seed", [0, 1])
-@slime_test
+@needs_slime
 def test_default_fields_equal_slimes_default_converter(tmp_path, case, seed):
     hf = save_tokenizer(tmp_path / "tok")
     args = slime_args(hf, **case["args"])
@@ -414,7 +408,7 @@ def test_default_fields_equal_slimes_default_converter(tmp_path, case, seed):
     assert_same_train_data(ours, theirs)
 
 
-@slime_test
+@needs_slime
 def test_round_number_and_top_p_fields_equal_slimes(tmp_path):
     hf = save_tokenizer(tmp_path / "tok")
     args = slime_args(hf, rollout_top_p=0.9)
@@ -430,7 +424,7 @@ def test_round_number_and_top_p_fields_equal_slimes(tmp_path):
     assert "round_number" in ours and "rollout_top_p_token_ids" in ours
 
 
-@slime_test
+@needs_slime
 def test_converter_teacher_views_on_real_samples(tmp_path):
     hf = save_tokenizer(tmp_path / "tok")
     args = slime_args(hf, rollout_batch_size=20)
@@ -453,7 +447,7 @@ def test_converter_teacher_views_on_real_samples(tmp_path):
             assert view.loss_weight == pytest.approx(weight)
 
 
-@slime_test
+@needs_slime
 def test_custom_reward_post_process_path_is_honoured(tmp_path):
     hf = save_tokenizer(tmp_path / "tok")
     args = slime_args(hf, custom_reward_post_process_path=f"{__name__}.reward_post_process_for_test")
@@ -474,7 +468,7 @@ def reward_post_process_for_test(args, samples):
 
 
 
-@slime_test
+@needs_slime
 @pytest.mark.parametrize("apply_chat_template", [True, False])
 def test_data_source_then_converter_end_to_end(tmp_path, apply_chat_template):
     """Rows -> slime's data source (ours) -> simulated generation -> converter: the teacher reads the rendered

@@ -148,20 +148,6 @@ def test_importance_correction_without_rollout_log_probs_is_an_error():
 
 
 # ---------------------------------------------------------------------- through slime's real loss_function
-@pytest.fixture
-def slime_loss_env():
-    from tests.slime_cpu_harness import free_port, import_slime_megatron, init_gloo
-
-    modules = import_slime_megatron()
-    from megatron.core import mpu
-
-    init_gloo(0, 1, free_port())
-    mpu.initialize_model_parallel(1, 1)
-    yield modules
-    mpu.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-
-
 def _slime_case(per_token: bool, config: SelfDistillConfig):
     """Three samples packed in one micro-batch, the middle one without a teacher."""
     g = torch.Generator().manual_seed(21)
@@ -199,11 +185,11 @@ def _slime_case(per_token: bool, config: SelfDistillConfig):
 @pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("scope", ["full_vocab", "topk"])
-def test_through_slime_loss_function(slime_loss_env, per_token, scope):
+def test_through_slime_loss_function(slime_megatron, per_token, scope):
     config = SelfDistillConfig(kl_scope=scope, divergence="alpha_js", alpha=0.3, num_loss_tokens_to_skip=1)
     args, batch, logits, prompts, responses, weights = _slime_case(per_token, config)
     num_microbatches, step_global_batch_size = 2, 6
-    loss, normalizer, log = slime_loss_env.loss.loss_function(args, batch, num_microbatches, step_global_batch_size,
+    loss, normalizer, log = slime_megatron.loss.loss_function(args, batch, num_microbatches, step_global_batch_size,
                                                               logits)
     (grad,) = torch.autograd.grad(loss, logits)
 
@@ -236,13 +222,13 @@ def test_through_slime_loss_function(slime_loss_env, per_token, scope):
 
 @pytest.mark.slime
 @pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)
-def test_missing_or_misshaped_teacher_input_names_key_and_sample(slime_loss_env):
+def test_missing_or_misshaped_teacher_input_names_key_and_sample(slime_megatron):
     config = SelfDistillConfig(kl_scope="full_vocab")
     args, batch, logits, *_ = _slime_case(False, config)
     batch_without = {k: v for k, v in batch.items() if k != "teacher_full_log_probs"}
     with pytest.raises(KeyError, match="teacher_full_log_probs"):
-        slime_loss_env.loss.loss_function(args, batch_without, 1, 3, logits)
+        slime_megatron.loss.loss_function(args, batch_without, 1, 3, logits)
     batch["teacher_full_log_probs"] = [t[:, :-1] for t in batch["teacher_full_log_probs"]]
     with pytest.raises(ValueError, match=r"'teacher_full_log_probs' of sample 0 has shape \(6, 15\), expected \(6, 16\)"):
-        slime_loss_env.loss.loss_function(args, batch, 1, 3, logits)
+        slime_megatron.loss.loss_function(args, batch, 1, 3, logits)
 

@@ -18,7 +18,7 @@ from slime_self_distill.data_source import (
     annotate_teacher_prompt,
     teacher_prompt_problem,
 )
-from tests.slime_support import requires_slime
+from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer, save_tokenizer
 
 
@@ -110,12 +110,6 @@ def test_malformed_metadata_is_an_error(metadata, match):
 
 
 # ------------------------------------------------------------------------------------ slime's real data source
-def slime_test(test):
-    for mark in requires_slime:
-        test = mark(test)
-    return test
-
-
 ROWS = [
     {"prompt": f"what is {i} + 30", "label": str(i + 30),
      "metadata": {"teacher_prompt": f"what is {i} + 30? A verified solution: {i} + 30 = {i + 30}.", "row": i}}
@@ -161,7 +155,7 @@ def rows_of(groups):
     return [[s.metadata["row"] for s in g] for g in groups]
 
 
-@slime_test
+@needs_slime
 @pytest.mark.parametrize("apply_chat_template", [True, False])
 def test_samples_keep_the_student_prompt_and_carry_the_rendered_teacher_prompt(tmp_path, apply_chat_template):
     from slime.rollout.data_source import RolloutDataSourceWithBuffer
@@ -183,7 +177,7 @@ def test_samples_keep_the_student_prompt_and_carry_the_rendered_teacher_prompt(t
     assert all(PLUGIN_METADATA_KEY not in row.metadata for row in source.dataset.origin_samples)
 
 
-@slime_test
+@needs_slime
 def test_save_and_load_continue_with_the_same_rows(tmp_path):
     args = data_source_args(tmp_path)
     first = self_distill_data_source(args)
@@ -202,7 +196,7 @@ def test_save_and_load_continue_with_the_same_rows(tmp_path):
             assert text == expected_teacher_text(sample.metadata["teacher_prompt"], args)
 
 
-@slime_test
+@needs_slime
 def test_aborted_groups_pushed_back_come_out_first_with_their_partial_response(tmp_path):
     args = data_source_args(tmp_path)
     source = self_distill_data_source(args)
@@ -220,7 +214,7 @@ def test_aborted_groups_pushed_back_come_out_first_with_their_partial_response(t
     assert fresh[0].index == group[-1].index + 1
 
 
-@slime_test
+@needs_slime
 def test_missing_teacher_prompt_error_and_exclude(tmp_path):
     rows = [dict(ROWS[0]), {"prompt": "no teacher here", "label": "x", "metadata": {"row": 1}}]
     args = data_source_args(tmp_path, rows=rows, rollout_shuffle=False)
@@ -233,7 +227,7 @@ def test_missing_teacher_prompt_error_and_exclude(tmp_path):
         assert MISSING_TEACHER_REASON_KEY in sample.metadata[PLUGIN_METADATA_KEY]
 
 
-@slime_test
+@needs_slime
 def test_tools_of_the_row_reach_the_teacher_template(tmp_path):
     from transformers import AutoTokenizer
 
@@ -250,7 +244,17 @@ def test_tools_of_the_row_reach_the_teacher_template(tmp_path):
     assert sample.prompt.startswith("TOOLS=")  # slime rendered the student's prompt with the same tools
 
 
-@slime_test
+@needs_slime
 def test_multimodal_datasets_are_refused(tmp_path):
     with pytest.raises(SelfDistillDataError, match="--multimodal-keys"):
         self_distill_data_source(data_source_args(tmp_path, multimodal_keys={"image": "images"}))
+
+
+def test_data_source_class_without_slime_names_the_missing_dependency(monkeypatch):
+    import sys
+
+    from slime_self_distill import data_source
+
+    monkeypatch.setitem(sys.modules, "slime.rollout.data_source", None)  # as if slime were not installed
+    with pytest.raises(ImportError, match="subclasses slime's RolloutDataSourceWithBuffer.*install a THUDM/slime"):
+        data_source._build_data_source_class()

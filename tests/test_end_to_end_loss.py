@@ -199,24 +199,6 @@ def check_training_step(slime, scope: str, per_token: bool, seed: int, set_attri
 
 
 # ---------------------------------------------------------------------- single process
-@pytest.fixture(scope="module")
-def slime_megatron():
-    slime = import_slime_megatron()
-    from megatron.core import mpu
-
-    created_group = not dist.is_initialized()
-    if created_group:
-        init_gloo(0, 1, free_port())
-    created_model_parallel = not mpu.model_parallel_is_initialized()
-    if created_model_parallel:
-        mpu.initialize_model_parallel(1, 1)
-    yield slime
-    if created_model_parallel:
-        mpu.destroy_model_parallel()
-    if created_group:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample_mean", "per_token_loss"])
 @pytest.mark.parametrize("scope", list(SCOPES))
 def test_training_step_loss_and_logit_gradients_equal_brute_force(slime_megatron, monkeypatch, scope, per_token):

@@ -25,6 +25,7 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_LOG_PROBS_KEY,
     TeacherView,
 )
+from tests.slime_support import needs_slime
 from tests.slime_cpu_harness import (
     TinyCausalLM,
     TorchWithoutPinnedMemory,
@@ -34,7 +35,6 @@ from tests.slime_cpu_harness import (
     init_gloo,
     make_args,
     make_rollout,
-    needs_slime,
     point_slime_at_cpu,
 )
 
@@ -166,24 +166,6 @@ def test_frozen_checkpoint_teacher_with_opd_kl_off_is_accepted():
 
 
 # ---------------------------------------------------------------------- slime's real passes on CPU
-@pytest.fixture(scope="module")
-def slime_megatron():
-    slime = import_slime_megatron()
-    from megatron.core import mpu
-
-    created_group = not dist.is_initialized()
-    if created_group:
-        init_gloo(0, 1, free_port())
-    created_model_parallel = not mpu.model_parallel_is_initialized()
-    if created_model_parallel:
-        mpu.initialize_model_parallel(1, 1)
-    yield slime
-    if created_model_parallel:
-        mpu.destroy_model_parallel()
-    if created_group:
-        dist.destroy_process_group()
-
-
 @pytest.fixture
 def slime_cpu(slime_megatron, monkeypatch):
     point_slime_at_cpu(monkeypatch.setattr)

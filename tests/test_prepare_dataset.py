@@ -10,7 +10,7 @@ import pytest
 from slime_self_distill import prepare_dataset
 from slime_self_distill.prepare_dataset import main
 from slime_self_distill.templates import TEMPLATES, build_teacher_prompt, render_prompt
-from tests.slime_support import requires_slime
+from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer, save_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,15 +31,6 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def with_marks(marks):
-    def decorate(test):
-        for mark in marks:
-            test = mark(test)
-        return test
-
-    return decorate
 
 
 # ------------------------------------------------------------------------------------------------- row kinds
@@ -423,7 +414,7 @@ def test_examples_are_well_formed():
 
 
 # ------------------------------------------------------------------------------------ against slime's Dataset
-@with_marks(requires_slime)
+@needs_slime
 @pytest.mark.parametrize("example, output_name, apply_chat_template", [
     ("sdft_demo.jsonl", "out.jsonl", False), ("sdft_demo.jsonl", "out.parquet", True),
     ("chat_messages_demo.jsonl", "out.jsonl", True)])

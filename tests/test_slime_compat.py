@@ -9,7 +9,8 @@ from slime_self_distill.slime_compat import (
     signature_text,
     verify,
 )
-from tests.slime_cpu_harness import import_slime_megatron, needs_slime
+from tests.slime_cpu_harness import import_slime_megatron
+from tests.slime_support import needs_slime
 
 
 @pytest.fixture(scope="module")

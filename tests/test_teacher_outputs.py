@@ -23,7 +23,8 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
 )
-from tests.slime_cpu_harness import free_port, init_gloo, needs_slime
+from tests.slime_cpu_harness import free_port, init_gloo
+from tests.slime_support import needs_slime
 
 
 def spec(kl_scope, *, topk=4, temperature=0.7, chunk_size=3, storage="float32"):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from slime_self_distill.teacher_weights import ACTOR_TAG, TEACHER_TAG, TeacherWeights, ema_update_
-from tests.slime_cpu_harness import TorchWithoutPinnedMemory, needs_slime
+from tests.slime_cpu_harness import TorchWithoutPinnedMemory
+from tests.slime_support import needs_slime
 
 
 def test_ema_in_fp32_keeps_small_updates_that_bf16_would_lose():

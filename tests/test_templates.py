@@ -14,7 +14,7 @@ from slime_self_distill.templates import (
     render_prompt,
     truncate_demonstration_to_fit,
 )
-from tests.slime_support import requires_slime
+from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer
 
 # The project's math notes live in ../shared beside the checkout (as in CI).
@@ -173,16 +173,7 @@ def test_student_and_teacher_renderings_share_the_chat_prefix():
     assert prefix.count("<|im_start|>") == 4 and suffix == "<|im_end|>\n<|im_start|>assistant\n"
 
 
-def with_marks(marks):
-    def decorate(test):
-        for mark in marks:
-            test = mark(test)
-        return test
-
-    return decorate
-
-
-@with_marks(requires_slime)
+@needs_slime
 def test_render_prompt_matches_slime_dataset(tmp_path):
     from slime.utils.data import Dataset
 

@@ -23,7 +23,7 @@ from slime_self_distill.train import (
     split_launcher_options,
     validate_parsed_args,
 )
-from tests.slime_cpu_harness import needs_slime
+from tests.slime_support import needs_slime
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT_ROOT / "run_self_distill_slime.sh"
