@@ -109,6 +109,12 @@ def check_host_memory(args: Any, config: SelfDistillConfig, dp_size: int) -> Non
         raise ConfigError(
             f"{flag_name('kl_scope')} full_vocab needs the vocabulary size to size the teacher store; set --vocab-size"
         )
+    if getattr(args, "rollout_max_response_len", None) is None:
+        # slime allows it (SGLang then generates up to the context length), but the store cannot be sized.
+        raise ConfigError(
+            f"{flag_name('kl_scope')} full_vocab needs --rollout-max-response-len to bound the teacher store in host "
+            "memory; set it (or use the topk / sampled_token scope)"
+        )
     layout = TeacherStoreLayout(
         num_samples=args.rollout_batch_size * args.n_samples_per_prompt,
         max_response_len=args.rollout_max_response_len,

@@ -252,12 +252,6 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     check_args(args, config)
     if getattr(args, "debug_rollout_only", False):  # no training actors, no teacher store
         return config
-    if config.kl_scope == "full_vocab" and getattr(args, "rollout_max_response_len", None) is None:
-        # slime allows it (SGLang then generates up to the context length), but the store cannot be sized.
-        raise ConfigError(
-            f"{flag_name('kl_scope')} full_vocab needs --rollout-max-response-len to bound the teacher store in host "
-            "memory; set it (or use the topk / sampled_token scope)"
-        )
     check_host_memory(args, config, actor_data_parallel_size(args))
     return config
 
