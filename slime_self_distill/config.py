@@ -282,7 +282,8 @@ def _validate(c: SelfDistillConfig) -> None:
     if not 0.0 < c.ema_rate <= 1.0:
         _fail("ema_rate", f"got {c.ema_rate}, outside (0, 1]", "use e.g. 0.01 (SDFT) or 0.05 (SDPO)")
     if c.max_teacher_prompt_len is not None and c.max_teacher_prompt_len < 1:
-        _fail("max_teacher_prompt_len", f"got {c.max_teacher_prompt_len}", "use a positive token count or leave it unset")
+        _fail("max_teacher_prompt_len", f"got {c.max_teacher_prompt_len}",
+              "use a positive token count or leave it unset")
     if c.teacher_overflow == "truncate_demonstration" and c.max_teacher_prompt_len is None:
         _fail("teacher_overflow", "'truncate_demonstration' needs a budget",
               f"also set {flag_name('max_teacher_prompt_len')}")

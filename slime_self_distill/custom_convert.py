@@ -439,6 +439,8 @@ def mask_samples_without_teacher(data: dict) -> dict:
     denominators (the token count of ``--calculate-per-token-loss`` and the per-rollout mask sums).
     """
     views = data[PAYLOAD_KEY]
-    data["loss_masks"] = [mask if view.has_teacher else [0] * len(mask) for mask, view in zip(data["loss_masks"], views)]
+    data["loss_masks"] = [
+        mask if view.has_teacher else [0] * len(mask) for mask, view in zip(data["loss_masks"], views, strict=True)
+    ]
     data["rollout_mask_sums"] = rollout_mask_sums(data["rollout_ids"], data["loss_masks"])
     return data

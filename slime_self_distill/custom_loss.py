@@ -197,7 +197,9 @@ def _checked_teacher_input(batch: dict, key: str, index: int, expected: tuple, d
         )
     values = batch[key]
     if index >= len(values):
-        raise ValueError(f"self-distillation loss: batch key {key!r} has {len(values)} entries, sample {index} has none")
+        raise ValueError(
+            f"self-distillation loss: batch key {key!r} has {len(values)} entries, sample {index} has none"
+        )
     value = values[index]
     shape = tuple(value.shape)
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):

@@ -442,9 +442,10 @@ def install(args: Any) -> None:
         raise
     _installation = installation
     teacher = "the --opd-teacher-load checkpoint" if from_checkpoint else f"a {config.teacher} teacher"
+    patched = ", ".join(f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in installation.replaced)
     logger.info(
         "slime_self_distill hooks installed on slime %s (checked against %s): %s scope, %s; patched %s",
-        slime_version, slime_compat.CHECKED_SLIME_COMMIT[:9], config.kl_scope, teacher, ", ".join(f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in installation.replaced),
+        slime_version, slime_compat.CHECKED_SLIME_COMMIT[:9], config.kl_scope, teacher, patched,
     )
 
 
