@@ -44,10 +44,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _tp_rank_size(tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    if tp_group is None:
+def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(this rank, group size); ``None`` is a group of one."""
+    if group is None:
         return 0, 1
-    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _all_reduce(t: torch.Tensor, tp_group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -70,9 +71,9 @@ def resolve_divergence(divergence: str, alpha: float) -> tuple[str, float]:
     return divergence, alpha
 
 
-def _local_columns(global_ids: torch.Tensor, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local column, mask of ids in this rank's shard); the column is clamped to 0 outside the shard."""
-    rank, _ = _tp_rank_size(tp_group)
+def local_vocab_columns(global_ids: torch.Tensor, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local column, mask of ids in this rank's shard); the column is 0 outside the shard."""
+    rank, _ = group_rank_and_size(tp_group)
     local = global_ids - rank * vocab_local
     in_shard = (local >= 0) & (local < vocab_local)
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
@@ -171,7 +172,7 @@ def vocab_parallel_log_softmax(
 def vocab_parallel_topk(values: torch.Tensor, k: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top-k over the sharded last dimension: ``(values [N, k], global ids [N, k] int64)``, identical on
     every TP rank (all ranks select from the same gathered candidates)."""
-    rank, world = _tp_rank_size(tp_group)
+    rank, world = group_rank_and_size(tp_group)
     vocab_local = values.shape[-1]
     if k > vocab_local * world:
         raise ValueError(f"top-k with k={k} exceeds the vocabulary size {vocab_local * world}")
@@ -240,10 +241,8 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
         floored_teacher = torch.clamp(t, min=TEACHER_LOG_PROB_FLOOR, out=teacher_p)
         score = torch.sub(z, lse.unsqueeze(-1), out=score)
         score.sub_(floored_teacher)  # d KL(S||T) / d S_v, up to a constant
-        value = _row_dot(p, score)
-        reduced = torch.stack([value, value], -1)
-        _all_reduce(reduced, tp_group)
-        value, mean_score = reduced.unbind(-1)
+        value = _all_reduce(_row_dot(p, score), tp_group)
+        mean_score = value  # sum_v p_v score_v is the divergence itself
         score_scale = 1.0
     else:
         teacher_p = torch.exp(t, out=teacher_p)
@@ -280,7 +279,7 @@ class _FullVocabDivergence(torch.autograd.Function):
         entropy = torch.empty_like(value)
         token_log_probs = torch.empty_like(value)
         grad = torch.empty_like(logits) if need_grad else None
-        sampled_local, sampled_in_shard = _local_columns(sampled_tokens, logits.shape[-1], tp_group)
+        sampled_local, sampled_in_shard = local_vocab_columns(sampled_tokens, logits.shape[-1], tp_group)
         work = _ChunkWorkspace(logits, chunk_size)
         gradient_scale = 1.0
         for rows in _chunks(n, chunk_size):
@@ -340,7 +339,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
     def forward(ctx, logits, ids, tp_group, chunk_size):
         cd = _compute_dtype(logits)
         n = logits.shape[0]
-        local, in_shard = _local_columns(ids, logits.shape[-1], tp_group)
+        local, in_shard = local_vocab_columns(ids, logits.shape[-1], tp_group)
         log_probs = torch.empty(ids.shape, dtype=cd, device=logits.device)
         entropy = torch.empty(n, dtype=cd, device=logits.device)
         lse = torch.empty(n, dtype=cd, device=logits.device)

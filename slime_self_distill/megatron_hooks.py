@@ -10,7 +10,7 @@ few module globals that slime looks up at call time, so that, inside every train
   context-parallel layout. Every other pass (student, reference) is passed through untouched.
 * ``model.get_batch``, for training batches (the key list that asks for ``teacher_log_probs``), also returns the
   top-K / full-vocabulary teacher tensors (moved from host memory to the GPU one micro-batch at a time) and
-  ``self_distill_loss_weights``, and zeroes the loss mask of samples without a teacher (slime's token count).
+  ``self_distill_loss_weights``.
 * ``train_metric_utils.log_rollout_data`` and ``train_data_utils.save_debug_train_data`` see the rollout data
   without the plugin's keys (the payload and the large teacher tensors), which slime's rollout metrics cannot
   average. They run after the teacher pass and before/after training on the same dict the training iterator

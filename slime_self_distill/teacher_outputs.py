@@ -29,7 +29,12 @@ import torch
 import torch.distributed as dist
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.divergences import vocab_parallel_log_softmax, vocab_parallel_topk
+from slime_self_distill.divergences import (
+    group_rank_and_size,
+    local_vocab_columns,
+    vocab_parallel_log_softmax,
+    vocab_parallel_topk,
+)
 from slime_self_distill.teacher_view import (
     TEACHER_FULL_LOG_PROBS_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
@@ -77,12 +82,6 @@ class TeacherOutputSpec:
         return (TEACHER_TOKEN_LOG_PROBS_KEY, *extra)
 
 
-def _rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 @torch.no_grad()
 def compute_teacher_outputs(
     logits: torch.Tensor,
@@ -102,8 +101,7 @@ def compute_teacher_outputs(
             f"expected logits [N, V_local] and tokens [N], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
         )
     num_rows, vocab_local = logits.shape
-    tp_rank, tp_size = _rank_and_size(tp_group)
-    vocab_start = tp_rank * vocab_local
+    _, tp_size = group_rank_and_size(tp_group)
     if spec.kl_scope == "topk" and spec.topk > vocab_local * tp_size:
         raise ConfigError(
             f"{flag_name('topk')} {spec.topk} is larger than the vocabulary ({vocab_local * tp_size}); use a smaller K"
@@ -119,9 +117,8 @@ def compute_teacher_outputs(
     for start in range(0, num_rows, spec.chunk_size):
         end = min(start + spec.chunk_size, num_rows)
         log_probs = vocab_parallel_log_softmax(logits[start:end].float() / spec.temperature, tp_group)
-        local_ids = tokens[start:end].long() - vocab_start
-        in_shard = (local_ids >= 0) & (local_ids < vocab_local)
-        picked = log_probs.gather(1, local_ids.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
+        local_ids, in_shard = local_vocab_columns(tokens[start:end].long(), vocab_local, tp_group)
+        picked = log_probs.gather(1, local_ids.unsqueeze(1)).squeeze(1)
         # where, not multiply: a -inf log-probability outside this shard must not become NaN.
         picked_and_owner_count = torch.stack([torch.where(in_shard, picked, 0.0), in_shard.float()], dim=1)
         if tp_group is not None:
@@ -190,7 +187,7 @@ def relayout_cp_rows(
     a zero block and the CP group sums it. The sum runs on the raw bytes (uint8), which is exact for every dtype
     because exactly one rank owns each row. Every CP rank must call this for the same samples in the same order.
     """
-    cp_rank, cp_size = _rank_and_size(cp_group)
+    cp_rank, cp_size = group_rank_and_size(cp_group)
     source = cp_response_rows(source_total_length, response_length, cp_rank, cp_size)
     if local.size(0) != _num_rows(source):
         raise ValueError(

@@ -12,12 +12,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from slime_self_distill.divergences import group_rank_and_size
+
 # exp() of a log-ratio beyond this overflows nothing and is far past any sensible cap.
 _MAX_ABS_LOG_RATIO = 20.0
-
-
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 def skip_leading_tokens(positions: torch.Tensor, num_to_skip: int) -> torch.Tensor:
@@ -27,7 +25,7 @@ def skip_leading_tokens(positions: torch.Tensor, num_to_skip: int) -> torch.Tens
 
 def _gather_variable_length(values: torch.Tensor, group) -> torch.Tensor:
     """Concatenate 1-D tensors of different lengths from every rank of ``group`` (same result on every rank)."""
-    world = _group_size(group)
+    _, world = group_rank_and_size(group)
     if world == 1:
         return values
     length = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
@@ -98,7 +96,7 @@ def truncated_importance_weights(
     per_sample = ratio.new_zeros(len(lengths), 2).index_add_(
         0, sample_of_token, torch.stack([valid_ratio, valid.to(ratio.dtype)], -1)
     )
-    if _group_size(group) > 1:
+    if group_rank_and_size(group)[1] > 1:
         dist.all_reduce(per_sample, group=group)
     sequence_weight = (per_sample[:, 0] / per_sample[:, 1].clamp(min=1.0)).clamp(max=cap)
     return sequence_weight[sample_of_token]
