@@ -57,8 +57,8 @@ class TeacherWeights:
     weights (``MegatronTrainRayActor.init``, before ``backup("actor")`` and before the OPD teacher checkpoint, if
     any, is loaded):
 
-    * ``frozen``: with ``teacher_from_checkpoint`` slime fills the tag from ``--opd-teacher-load``; otherwise the tag
-      is a copy of the student's initial weights;
+    * ``frozen``: the tag is a copy of the student's initial weights (a ``--opd-teacher-load`` checkpoint teacher is
+      slime's own: ``megatron_hooks.install`` then creates no ``TeacherWeights``);
     * ``live``: the tag holds the very tensors of the ``"actor"`` tag (no copy); slime refreshes ``"actor"`` in place
       after every training round, so the teacher is the current student;
     * ``ema``: an fp32 host shadow starts at the student's initial weights; ``after_optimizer_step`` /
@@ -72,12 +72,9 @@ class TeacherWeights:
         *,
         backuper: Any,
         source_getter: SourceGetter,
-        teacher_from_checkpoint: bool = False,
         ema_rate: float = 0.0,
         ema_update_interval: str = "step",
     ) -> None:
-        if teacher_from_checkpoint and kind != "frozen":
-            raise ValueError(f"a {kind!r} teacher is built from the student; it cannot come from a checkpoint")
         if TEACHER_TAG in backuper.backup_tags:
             raise RuntimeError(f"the weights backuper already holds a {TEACHER_TAG!r} tag; set up the teacher once")
         self.kind = kind
@@ -88,8 +85,7 @@ class TeacherWeights:
         self._shadow: dict[str, torch.Tensor] = {}
 
         if kind == "frozen":
-            if not teacher_from_checkpoint:
-                backuper.backup(TEACHER_TAG)
+            backuper.backup(TEACHER_TAG)
         elif kind == "live":
             if ACTOR_TAG not in backuper.backup_tags:
                 backuper.backup(ACTOR_TAG)  # slime backs "actor" up next anyway, into these same tensors

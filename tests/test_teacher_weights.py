@@ -84,15 +84,6 @@ def test_frozen_teacher_is_the_students_initial_weights(backuper_and_model):
 
 
 @needs_slime
-def test_frozen_teacher_from_a_checkpoint_is_left_to_slime(backuper_and_model):
-    backuper, model, source = backuper_and_model
-    attach("frozen", backuper, source, teacher_from_checkpoint=True)
-    assert TEACHER_TAG not in backuper.backup_tags
-    with pytest.raises(ValueError, match="cannot come from a checkpoint"):
-        attach("live", backuper, source, teacher_from_checkpoint=True)
-
-
-@needs_slime
 def test_live_teacher_aliases_the_actor_backup(backuper_and_model):
     backuper, model, source = backuper_and_model
     attach("live", backuper, source)
