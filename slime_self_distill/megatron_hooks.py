@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from slime_self_distill import slime_compat
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
 from slime_self_distill.teacher_outputs import (
     HOST_KEYS,
     TeacherOutputSpec,
@@ -177,37 +179,6 @@ def build_teacher_rollout_data(rollout_data: dict) -> dict:
     }
 
 
-def split_micro_batches_by_tokens(
-    micro_batch_indices: list[list[int]], num_microbatches: list[int], lengths: list[int], max_tokens: int
-) -> tuple[list[list[int]], list[int]]:
-    """Split each micro-batch, keeping sample order, so that its (teacher) tokens stay within ``max_tokens``.
-
-    slime schedules micro-batches from the student lengths (``--max-tokens-per-gpu``); the teacher sequences are
-    longer. A sample longer than ``max_tokens`` alone stays alone, as in slime's own packing. Returns the new
-    micro-batches and the new count per training step.
-    """
-    new_indices: list[list[int]] = []
-    new_counts: list[int] = []
-    position = 0
-    for count in num_microbatches:
-        before = len(new_indices)
-        for micro_batch in micro_batch_indices[position : position + count]:
-            current: list[int] = []
-            current_tokens = 0
-            for index in micro_batch:
-                if current and current_tokens + lengths[index] > max_tokens:
-                    new_indices.append(current)
-                    current, current_tokens = [], 0
-                current.append(index)
-                current_tokens += lengths[index]
-            new_indices.append(current)
-        position += count
-        new_counts.append(len(new_indices) - before)
-    if position != len(micro_batch_indices):
-        raise ValueError(f"num_microbatches {num_microbatches} does not cover {len(micro_batch_indices)} micro-batches")
-    return new_indices, new_counts
-
-
 def _group_or_none(get_group: Callable, get_size: Callable):
     return get_group() if get_size() > 1 else None
 
@@ -225,21 +196,12 @@ def run_teacher_pass(
 
     rollout_data = data_iterator[0].rollout_data
     teacher_data = build_teacher_rollout_data(rollout_data)
-    micro_batch_indices = data_iterator[0].micro_batch_indices
-    num_microbatches = list(num_microbatches)
+    num_samples = len(teacher_data["tokens"])
+    schedule = TeacherSchedule(data_iterator[0].micro_batch_indices, list(num_microbatches), [])
     if args.use_dynamic_batch_size:
-        cap = args.max_tokens_per_gpu * mpu.get_context_parallel_world_size()
-        split_indices, split_counts = split_micro_batches_by_tokens(
-            micro_batch_indices, num_microbatches, teacher_data["total_lengths"], cap
-        )
-        if split_counts != num_microbatches and len(data_iterator) > 1:
-            raise RuntimeError(
-                f"teacher sequences exceed --max-tokens-per-gpu {args.max_tokens_per_gpu} in a micro-batch, and with "
-                "virtual pipeline stages the teacher pass cannot split micro-batches; raise --max-tokens-per-gpu by "
-                "the longest teacher prompt's extra length"
-            )
-        micro_batch_indices, num_microbatches = split_indices, split_counts
-    teacher_iterators = [DataIterator(teacher_data, micro_batch_indices) for _ in data_iterator]
+        schedule = teacher_schedule(args, schedule, teacher_data["total_lengths"], len(data_iterator) > 1)
+        teacher_data = with_padding_samples(teacher_data, schedule.padding_sources)
+    teacher_iterators = [DataIterator(teacher_data, schedule.micro_batch_indices) for _ in data_iterator]
 
     # forward_only hands the post-processor the very token tensors of teacher_data: they identify the sample.
     sample_of_tokens = {id(tokens): index for index, tokens in enumerate(teacher_data["tokens"])}
@@ -257,7 +219,12 @@ def run_teacher_pass(
         for (rows, tokens), sequence, total_length, response_length in zip(
             responses, unconcat_tokens, total_lengths, response_lengths, strict=True
         ):
-            student_total_length = student_total_lengths[sample_of_tokens[id(sequence)]]
+            index = sample_of_tokens[id(sequence)]
+            if index >= num_samples:  # a padding sample: it ran only to keep the ranks' forward counts equal
+                for values in outputs.values():
+                    values.append(rows.new_empty(0))
+                continue
+            student_total_length = student_total_lengths[index]
             for key, value in compute_teacher_outputs(rows, tokens, spec, tp_group).items():
                 outputs[key.removeprefix(TEACHER_STORE_PREFIX)].append(
                     relayout_cp_rows(
@@ -272,10 +239,52 @@ def run_teacher_pass(
                 )
         return torch.empty((0,), device=logits.device), outputs
 
-    return forward_only(
-        teacher_outputs, args, model, teacher_iterators, num_microbatches,
+    outputs = forward_only(
+        teacher_outputs, args, model, teacher_iterators, schedule.num_microbatches,
         store_prefix=TEACHER_STORE_PREFIX, use_rollout_top_p_replay=False,
     )
+    return {key: values[:num_samples] for key, values in outputs.items()}  # padding samples come last
+
+
+def teacher_schedule(args: Any, student_schedule: TeacherSchedule, teacher_lengths: list[int],
+                     virtual_pipeline: bool) -> TeacherSchedule:
+    """The teacher pass's micro-batches under ``--use-dynamic-batch-size``: the student's, split so that each holds
+    at most ``--max-tokens-per-gpu`` x CP teacher tokens, then brought to the largest per-step count of any rank, so
+    that every rank runs as many forward passes as the others (MoE all-to-alls span the data-parallel ranks)."""
+    from megatron.core import mpu
+
+    from slime.utils.distributed_utils import get_gloo_group
+
+    cap = args.max_tokens_per_gpu * mpu.get_context_parallel_world_size()
+    indices, counts = split_by_tokens(
+        student_schedule.micro_batch_indices, student_schedule.num_microbatches, teacher_lengths, cap
+    )
+    # The maximum over every training rank is the maximum over the data-parallel ranks: tensor-, context- and
+    # pipeline-parallel peers hold the same samples and compute the same counts.
+    agreed = torch.tensor(counts, dtype=torch.long)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=get_gloo_group())
+    agreed_counts = agreed.tolist()
+    if agreed_counts != student_schedule.num_microbatches and virtual_pipeline:
+        # every rank sees the same agreed counts, so every rank stops here: none is left waiting in a collective
+        raise RuntimeError(
+            f"teacher sequences exceed --max-tokens-per-gpu {args.max_tokens_per_gpu} in a micro-batch on some rank, "
+            "and with virtual pipeline stages the teacher pass cannot split micro-batches; raise --max-tokens-per-gpu "
+            "by the longest teacher prompt's extra length"
+        )
+    return pad_to_counts(indices, counts, teacher_lengths, agreed_counts)
+
+
+def with_padding_samples(teacher_data: dict, padding_sources: list[int]) -> dict:
+    """``teacher_data`` with one more sample per padding source: a copy (a tensor of its own, so that the
+    post-processor can tell it from its source) of that sample, appended after the real samples."""
+    if not padding_sources:
+        return teacher_data
+    padded = {key: list(values) for key, values in teacher_data.items()}
+    for source in padding_sources:
+        padded["tokens"].append(teacher_data["tokens"][source].clone())
+        for key in ("total_lengths", "response_lengths", "loss_masks"):
+            padded[key].append(teacher_data[key][source])
+    return padded
 
 
 # ---------------------------------------------------------------------- training batches

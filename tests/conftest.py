@@ -3,6 +3,16 @@
 import pytest
 import torch.distributed as dist
 
+from tests.slime_support import REQUIRE_SLIME_ENV, SLIME_AVAILABLE, SLIME_REQUIRED
+
+
+def pytest_sessionstart(session):
+    if SLIME_REQUIRED and not SLIME_AVAILABLE:
+        raise pytest.UsageError(
+            f"{REQUIRE_SLIME_ENV}=1 but slime is not importable: install it (bash ../shared/deps/install-slime-cpu.sh) "
+            "so that the slime-marked tests run instead of skipping"
+        )
+
 
 @pytest.fixture(scope="module")
 def slime_megatron():
@@ -23,4 +33,7 @@ def slime_megatron():
     if created_model_parallel:
         mpu.destroy_model_parallel()
     if created_group:
+        from slime.utils.distributed_utils import set_gloo_group
+
+        set_gloo_group(None)
         dist.destroy_process_group()

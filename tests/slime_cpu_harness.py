@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from slime_self_distill.teacher_view import TeacherView
 from tests.megatron_standins import install_standins
+from tests.slime_support import SLIME_AVAILABLE
 
 
 def import_slime_megatron() -> SimpleNamespace:
@@ -209,7 +210,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_gloo(rank: int, world_size: int, port: int) -> None:
+def init_gloo(rank: int, world_size: int, port: int, timeout_seconds: float = 120) -> None:
+    """A gloo world, which also serves as slime's all-ranks CPU group (``distributed_utils.get_gloo_group``, set up
+    by slime's train actor) when slime is installed. A collective that some rank never joins fails after
+    ``timeout_seconds`` instead of hanging the test."""
+    from datetime import timedelta
+
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds))
+    if SLIME_AVAILABLE:
+        from slime.utils.distributed_utils import set_gloo_group
+
+        set_gloo_group(dist.group.WORLD)

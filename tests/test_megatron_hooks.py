@@ -11,7 +11,6 @@ from slime_self_distill.megatron_hooks import (
     add_teacher_inputs,
     build_teacher_rollout_data,
     check_args,
-    split_micro_batches_by_tokens,
     without_plugin_keys,
     wrap_rollout_data_consumer,
     wrap_then,
@@ -54,22 +53,6 @@ SCOPE_ARGS = {
 
 
 # ---------------------------------------------------------------------- pure pieces
-def test_split_keeps_order_and_every_sample_and_respects_the_cap():
-    lengths = [10, 30, 5, 50, 20, 20, 20, 1]
-    indices, counts = split_micro_batches_by_tokens([[0, 1, 2], [3, 4], [5, 6, 7]], [2, 1], lengths, 40)
-    assert indices == [[0, 1], [2], [3], [4], [5, 6], [7]]
-    assert counts == [4, 2]
-    assert sum(indices, []) == list(range(8))
-    for micro_batch in indices:
-        assert len(micro_batch) == 1 or sum(lengths[i] for i in micro_batch) <= 40
-
-
-def test_split_leaves_fitting_micro_batches_alone():
-    assert split_micro_batches_by_tokens([[0, 1], [2]], [1, 1], [3, 4, 5], 100) == ([[0, 1], [2]], [1, 1])
-    with pytest.raises(ValueError, match="does not cover"):
-        split_micro_batches_by_tokens([[0, 1], [2]], [1], [3, 4, 5], 100)
-
-
 def test_teacher_rollout_data_uses_teacher_tokens_and_placeholders():
     rollout = make_rollout(5)
     teacher = build_teacher_rollout_data(rollout)
@@ -410,3 +393,87 @@ def _parallel_worker(rank, port):
 @pytest.mark.distributed
 def test_tensor_and_context_parallel_teacher_outputs_equal_brute_force():
     mp.spawn(_parallel_worker, args=(free_port(),), nprocs=2)
+
+
+# ---------------------------------------------------------------------- DP=2: equal micro-batch counts on every rank
+class ExpertParallelLikeLM(TinyCausalLM):
+    """Every forward pass joins a collective across the data-parallel ranks, as an MoE layer's all-to-all does under
+    expert parallelism: a rank that runs fewer forward passes leaves the other waiting (the gloo timeout fails it)."""
+
+    def forward(self, *args, **kwargs):
+        from megatron.core import mpu
+
+        dist.all_reduce(torch.zeros(1), group=mpu.get_data_parallel_group())
+        return super().forward(*args, **kwargs)
+
+
+def skewed_dp_rollout(dp_rank: int, dp_size: int, args, seed: int = 31) -> tuple[dict, list[list[int]]]:
+    """This DP rank's rollout_data, partitioned and scheduled by slime's real ``build_dp_schedule`` on the student
+    lengths (16 samples, 2 training steps); the samples slime gives rank 0 have teacher prompts 30 tokens longer than
+    their student prompts, the others' are as long as theirs. Also returns every rank's micro-batch indices."""
+    import random
+
+    from slime.utils.dp_schedule import build_dp_schedule
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(24) for _ in range(rng.randint(3, 8))] for _ in range(16)]
+    responses = [[rng.randrange(24) for _ in range(rng.randint(2, 8))] for _ in range(16)]
+    total_lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    partitions, micro_batch_indices, num_microbatches, _ = build_dp_schedule(
+        args, {"dp_size": dp_size, "cp_size": 1, "vpp_size": 1, "microbatch_group_size_per_vp_stage": 1},
+        total_lengths, global_batch_size=8, rollout_indices=list(range(16)),
+    )
+    tokens, views = [], []
+    for index in partitions[dp_rank]:
+        extra = 30 if index in partitions[0] else 0
+        teacher_prompt = prompts[index] + [rng.randrange(24) for _ in range(extra)]
+        tokens.append(torch.tensor(prompts[index] + responses[index]))
+        views.append(TeacherView(tuple(teacher_prompt + responses[index]), len(responses[index]), True, 1.0))
+    rollout = {
+        "tokens": tokens,
+        "response_lengths": [len(responses[i]) for i in partitions[dp_rank]],
+        "total_lengths": [len(t) for t in tokens],
+        "loss_masks": [torch.ones(len(responses[i]), dtype=torch.int) for i in partitions[dp_rank]],
+        "prompt": views,
+        "micro_batch_indices": micro_batch_indices[dp_rank],
+        "num_microbatches": num_microbatches,
+    }
+    return rollout, micro_batch_indices
+
+
+def _data_parallel_worker(rank, port):
+    slime = import_slime_megatron()
+    from megatron.core import mpu
+
+    from slime_self_distill.micro_batches import split_by_tokens
+
+    init_gloo(rank, 2, port, timeout_seconds=30)
+    point_slime_at_cpu()
+    mpu.initialize_model_parallel(1, 1)  # two data-parallel ranks
+    args = make_args(use_dynamic_batch_size=True, max_tokens_per_gpu=40, balance_data=False, balance_by_flops=False,
+                     micro_batch_size=None, **SCOPE_ARGS["topk"])
+    megatron_hooks.install(args)
+    rollout, _ = skewed_dp_rollout(rank, 2, args)
+    # the case the fix is for: split by its own teacher lengths, each rank would run a different number of passes
+    own_counts = split_by_tokens(rollout["micro_batch_indices"], rollout["num_microbatches"],
+                                 build_teacher_rollout_data(rollout)["total_lengths"], 40)[1]
+    gathered_counts = [None, None]
+    dist.all_gather_object(gathered_counts, own_counts)
+    assert gathered_counts[0] != gathered_counts[1], gathered_counts
+
+    model = ExpertParallelLikeLM()
+    outputs = log_prob_pass(slime, args, model, rollout, "teacher_")
+    forward_calls = [None, None]
+    dist.all_gather_object(forward_calls, model.forward_calls)
+    assert forward_calls[0] == forward_calls[1] == sum(max(a, b) for a, b in zip(*gathered_counts))
+    assert len(outputs[TEACHER_TOPK_INDICES_KEY]) == len(rollout["tokens"])  # padding samples are not returned
+    assert_matches_brute_force(model, rollout, outputs, "topk", args.rollout_temperature)
+    megatron_hooks.uninstall()
+    mpu.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@needs_slime
+@pytest.mark.distributed
+def test_every_data_parallel_rank_runs_the_same_number_of_teacher_micro_batches():
+    mp.spawn(_data_parallel_worker, args=(free_port(),), nprocs=2)
