@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -165,8 +167,25 @@ class SelfDistillConfig:
     host_memory_budget_gb: Optional[float] = field(
         default=None,
         metadata=_knob(
-            "Host memory (GiB per node) the full_vocab teacher store may use; unset means 80% of the memory "
-            "available when the run starts."
+            "Host memory (GiB per node) the training ranks may keep: weight backups, EMA shadow, teacher store, "
+            "offloaded optimizer state (checked when the actors start); unset means 90% of the memory available on "
+            "the node then (MemAvailable, or the container's cgroup room if smaller)."
+        ),
+    )
+    vocab_term_clip: Optional[float] = field(
+        default=None,
+        metadata=_knob(
+            "full_vocab + forward_kl only: clamp each vocabulary entry's term T_v (log T_v - log S_v) at this value "
+            "before the sum over the vocabulary, as OPSD's jsd_token_clip does (clamped entries give no gradient, "
+            "and the per-token loss can go negative); unset means no clamp."
+        ),
+    )
+    teacher_chat_template_kwargs: Optional[dict] = field(
+        default=None,
+        metadata=_knob(
+            "JSON object of chat-template arguments for rendering the teacher prompt (e.g. "
+            "'{\"enable_thinking\": true}', as OPSD's teacher reads its prompt in thinking mode); unset means the "
+            "student's --apply-chat-template-kwargs."
         ),
     )
 
@@ -186,12 +205,12 @@ class SelfDistillConfig:
         A ``self_distill_*`` attribute that is not a knob (a misspelt YAML key) is an error, because slime would
         otherwise carry it silently.
         """
-        known = {ARG_PREFIX + f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in vars(args) if k.startswith(ARG_PREFIX) and k not in known)
+        unknown = sorted(k for k in vars(args) if looks_like_a_setting(k) and k not in SETTING_KEYS)
         if unknown:
+            hints = "; ".join(f"{key!r}: did you mean {closest_setting(key)!r}?" for key in unknown)
             raise ConfigError(
-                f"unknown self-distillation setting(s) {unknown} (from a flag or --custom-config-path YAML key); "
-                f"valid keys are {sorted(known)}"
+                f"unknown self-distillation setting(s) (from a flag or --custom-config-path YAML key): {hints} "
+                f"Valid keys: {', '.join(sorted(SETTING_KEYS))}"
             )
         values = {}
         for f in dataclasses.fields(cls):
@@ -204,10 +223,54 @@ class SelfDistillConfig:
         """``{'self_distill_<name>': value}``: the YAML keys / ``args`` attributes of this configuration."""
         return {ARG_PREFIX + k: v for k, v in dataclasses.asdict(self).items()}
 
+    @staticmethod
+    def explicit_settings(args: Any) -> set:
+        """The knobs ``args`` sets (flags given or YAML keys), as field names."""
+        return {f.name for f in dataclasses.fields(SelfDistillConfig)
+                if getattr(args, ARG_PREFIX + f.name, None) is not None}
+
+    def ineffective_settings(self, explicit: set) -> list:
+        """Warnings for knobs that were set but do nothing in this configuration (e.g. topk with full_vocab)."""
+        why_not = {
+            "topk": None if self.kl_scope == "topk" else f"{flag_name('kl_scope')} is {self.kl_scope}",
+            "alpha": None if self.divergence == "alpha_js" else f"{flag_name('divergence')} is {self.divergence}",
+            "sampled_ratio_cap": None if (self.kl_scope, self.divergence) == ("sampled_token", "forward_kl")
+            else "it applies to sampled_token with forward_kl only",
+            "ema_rate": None if self.teacher == "ema" else f"{flag_name('teacher')} is {self.teacher}",
+            "ema_update_interval": None if self.teacher == "ema" else f"{flag_name('teacher')} is {self.teacher}",
+            "importance_cap": None if self.importance_correction != "off"
+            else f"{flag_name('importance_correction')} is off",
+            "full_vocab_storage_dtype": None if self.kl_scope == "full_vocab"
+            else f"{flag_name('kl_scope')} is {self.kl_scope}",
+            "chunk_size": None if self.kl_scope != "sampled_token" else f"{flag_name('kl_scope')} is sampled_token",
+            "teacher_overflow": None if self.max_teacher_prompt_len is not None
+            else f"{flag_name('max_teacher_prompt_len')} is unset",
+        }
+        return [f"{flag_name(name)} has no effect: {reason}" for name, reason in why_not.items()
+                if reason is not None and name in explicit]
+
     @property
     def alpha_js_weight(self) -> float:
         """The effective alpha: forward_kl is alpha 0, reverse_kl is alpha 1 (the GKD/TRL special cases)."""
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.alpha)
+
+
+SETTING_KEYS = frozenset(ARG_PREFIX + f.name for f in dataclasses.fields(SelfDistillConfig))
+
+
+def looks_like_a_setting(key: str) -> bool:
+    """A name meant as a self-distillation setting: it starts with 'self' or mentions 'distil' (any spelling)."""
+    normalized = key.lower().replace("-", "_")
+    return normalized.startswith("self") or "distil" in normalized
+
+
+def closest_setting(key: str) -> Optional[str]:
+    """The setting key a misspelt or unprefixed key most likely means (``topk`` -> ``self_distill_topk``)."""
+    normalized = key.lower().replace("-", "_")
+    if ARG_PREFIX + normalized in SETTING_KEYS:
+        return ARG_PREFIX + normalized
+    close = difflib.get_close_matches(normalized, sorted(SETTING_KEYS), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -223,7 +286,7 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
         group.add_argument(
             flag_name(f.name),
             dest=ARG_PREFIX + f.name,
-            type=_scalar_type(f),
+            type=_argparse_type(f),
             choices=f.metadata["choices"],
             default=None,
             help=f"{f.metadata['help']} (default: {shown})",
@@ -232,11 +295,28 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 
 
 # ---------------------------------------------------------------------- validation
-_SCALAR_TYPES = {"str": str, "int": int, "float": float, "Optional[int]": int, "Optional[float]": float}
+_SCALAR_TYPES = {"str": str, "int": int, "float": float, "Optional[int]": int, "Optional[float]": float,
+                 "Optional[dict]": dict}
 
 
 def _scalar_type(f: dataclasses.Field) -> type:
     return _SCALAR_TYPES[f.type]  # annotations are strings (``from __future__ import annotations``)
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a dict knob: a JSON object on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _argparse_type(f: dataclasses.Field):
+    scalar = _scalar_type(f)
+    return json_object if scalar is dict else scalar
 
 
 def _check_type(f: dataclasses.Field, value: Any) -> None:
@@ -291,3 +371,10 @@ def _validate(c: SelfDistillConfig) -> None:
         _fail("chunk_size", f"got {c.chunk_size}", "use a positive number of rows (e.g. 256)")
     if c.host_memory_budget_gb is not None and c.host_memory_budget_gb <= 0:
         _fail("host_memory_budget_gb", f"got {c.host_memory_budget_gb}", "use a positive size in GiB or leave it unset")
+    if c.vocab_term_clip is not None:
+        if not (c.kl_scope == "full_vocab" and c.divergence == "forward_kl"):
+            _fail("vocab_term_clip", f"is set with {flag_name('kl_scope')} {c.kl_scope} and {flag_name('divergence')} "
+                  f"{c.divergence}", "it clamps the per-entry terms of the full-vocabulary forward KL only: use "
+                  "full_vocab with forward_kl, or leave it unset")
+        if c.vocab_term_clip <= 0:
+            _fail("vocab_term_clip", f"got {c.vocab_term_clip}", "use a positive clamp (OPSD uses 0.05) or leave it unset")

@@ -24,7 +24,12 @@ counters. slime is imported only when the class is first accessed, so this modul
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
 
@@ -116,6 +121,123 @@ def annotate_teacher_prompt(
             f"{flag_name('missing_teacher')} exclude to keep such samples for rollout but out of the distillation loss"
         )
     metadata[PLUGIN_METADATA_KEY] = plugin
+
+
+# ---------------------------------------------------------------------------------------------- the prompt file
+@dataclass(frozen=True)
+class PromptDataKeys:
+    """The slime flags that say where a row's fields are (``--input-key`` etc.), as slime's ``Dataset`` reads them."""
+
+    input_key: str = "input"
+    metadata_key: str = "metadata"
+    label_key: Optional[str] = None
+    tool_key: Optional[str] = "tools"
+    apply_chat_template: bool = False
+
+
+@dataclass(frozen=True)
+class UnparseableLine:
+    error: str
+
+
+@dataclass
+class PromptDataReport:
+    rows: int = 0
+    without_teacher: int = 0  # rows kept for rollout without a teacher (--self-distill-missing-teacher exclude)
+    problems: list = field(default_factory=list)  # (row number, problem)
+
+
+def split_row_slice(path: str) -> tuple[str, Optional[slice]]:
+    """slime's ``path@[start:end]`` row selection (``slime/utils/data.py``)."""
+    match = re.match(r"^(?P<path>.*)@\[(?P<start>-?\d*):(?P<end>-?\d*)\]$", path)
+    if match is None:
+        return path, None
+    start, end = (int(value) if value else None for value in (match.group("start"), match.group("end")))
+    return match.group("path"), slice(start, end)
+
+
+def read_prompt_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of slime's ``--prompt-data`` file, as slime's ``read_file`` selects them: .jsonl (row number =
+    line number; a line that is not JSON comes as ``UnparseableLine``, where slime would print and skip it) or
+    .parquet (1-based position), with the ``@[start:end]`` suffix."""
+    real_path, row_slice = split_row_slice(path)
+    if not os.path.isfile(real_path):
+        raise SelfDistillDataError(f"--prompt-data {real_path} does not exist or is not a file")
+    if real_path.endswith(".jsonl"):
+        def rows() -> Iterator[tuple[int, Any]]:
+            with open(real_path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        try:
+                            yield number, json.loads(line)
+                        except json.JSONDecodeError as error:
+                            yield number, UnparseableLine(str(error))
+    elif real_path.endswith(".parquet"):
+        def rows() -> Iterator[tuple[int, Any]]:
+            import pyarrow.parquet as pq
+
+            number = 0
+            for batch in pq.ParquetFile(real_path).iter_batches():
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+    else:
+        raise SelfDistillDataError(f"--prompt-data {real_path}: slime reads only .jsonl and .parquet files")
+    if row_slice is None:
+        return rows()
+    if (row_slice.start or 0) < 0 or (row_slice.stop or 0) < 0:
+        return iter(list(rows())[row_slice])
+    return itertools.islice(rows(), row_slice.start, row_slice.stop)
+
+
+def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig) -> tuple[Optional[str], bool]:
+    """(why slime or the data source would fail on this row, or None; whether it has a teacher prompt)."""
+    if isinstance(row, UnparseableLine):
+        return f"not valid JSON ({row.error}); slime would skip the line without a word", False
+    if not isinstance(row, dict):
+        return f"the row is a {type(row).__name__}, expected an object", False
+    prompt = row.get(keys.input_key)
+    if not isinstance(prompt, (str, list)) or not prompt:
+        found = "missing" if prompt is None else f"a {type(prompt).__name__}" if prompt else "empty"
+        return (f"--input-key {keys.input_key!r} is {found}, expected a non-empty string or chat messages "
+                f"(the row's columns: {sorted(row)})"), False
+    if isinstance(prompt, list) and not keys.apply_chat_template:
+        return f"--input-key {keys.input_key!r} holds chat messages, which slime renders only with --apply-chat-template", False
+    if keys.label_key is not None and keys.label_key not in row:
+        return (f"--label-key {keys.label_key!r} is missing (the row's columns: {sorted(row)}); slime reads it for the "
+                "reward"), False
+    if keys.tool_key is not None and row.get(keys.tool_key) is not None:
+        tools = row[keys.tool_key]
+        try:
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+        except json.JSONDecodeError as error:
+            return f"--tool-key {keys.tool_key!r} is a string that is not JSON ({error})", False
+        if not isinstance(tools, list):
+            return f"--tool-key {keys.tool_key!r} is a {type(tools).__name__}, slime needs a list of tools", False
+    metadata = row.get(keys.metadata_key) or {}
+    if not isinstance(metadata, dict):
+        return f"--metadata-key {keys.metadata_key!r} is a {type(metadata).__name__}, expected an object", False
+    problem = teacher_prompt_problem(metadata.get(config.teacher_prompt_key),
+                                     apply_chat_template=keys.apply_chat_template)
+    if problem is None:
+        return None, True
+    if config.missing_teacher == "exclude":
+        return None, False
+    return (f"{problem} in {keys.metadata_key}[{config.teacher_prompt_key!r}] (build the file with "
+            f"slime_self_distill.prepare_dataset, or pass {flag_name('missing_teacher')} exclude)"), False
+
+
+def check_prompt_data(path: str, keys: PromptDataKeys, config: SelfDistillConfig) -> PromptDataReport:
+    """Every row of ``--prompt-data`` through the checks slime's ``Dataset`` and this data source apply."""
+    report = PromptDataReport()
+    for number, row in read_prompt_rows(path):
+        report.rows += 1
+        problem, has_teacher = prompt_row_problem(row, keys, config)
+        if problem is not None:
+            report.problems.append((number, problem))
+        elif not has_teacher:
+            report.without_teacher += 1
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- slime glue

@@ -15,9 +15,13 @@ few module globals that slime looks up at call time, so that, inside every train
   without the plugin's keys (the payload and the large teacher tensors), which slime's rollout metrics cannot
   average. They run after the teacher pass and before/after training on the same dict the training iterator
   reads, so the keys cannot simply be deleted there (nor in ``--rollout-data-postprocess-path``, which stays free).
-* ``TensorBackuper.create`` sets up the ``"teacher"`` tag (``teacher_weights``) when the teacher is not slime's OPD
-  checkpoint; for an EMA teacher ``model.train_one_step`` / ``actor.train`` update it after each optimizer step /
-  rollout.
+* ``TensorBackuper.create`` (in ``MegatronTrainRayActor.init``, once the model is loaded and before any weight
+  backup exists) checks the host memory of every node (``host_memory``), sets up an EMA teacher, and hands slime a
+  ``TeacherAwareBackuper`` (``teacher_weights``): the model never keeps another checkpoint's weights after start-up,
+  and a live teacher costs no weight copy. A frozen teacher is slime's own ``--opd-teacher-load`` checkpoint.
+* For an EMA teacher: ``model.train_one_step`` / ``actor.train`` update it after each optimizer step / rollout;
+  ``actor.save`` writes its shadow beside each slime checkpoint and ``actor.initialize_model_and_optimizer`` records
+  which checkpoint slime resumed from, so that the shadow is restored from it.
 
 ``slime_compat.verify()`` checks every replaced function first.
 """
@@ -27,26 +31,26 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from slime_self_distill import slime_compat
+from slime_self_distill import host_memory, slime_compat
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
 from slime_self_distill.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
-from slime_self_distill.teacher_outputs import (
-    HOST_KEYS,
-    TeacherOutputSpec,
-    TeacherStoreLayout,
-    check_full_vocab_store_fits,
-    compute_teacher_outputs,
-    host_memory_budget_bytes,
-    relayout_cp_rows,
-)
+from slime_self_distill.teacher_outputs import HOST_KEYS, TeacherOutputSpec, compute_teacher_outputs, relayout_cp_rows
 from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
-from slime_self_distill.teacher_weights import TeacherWeights
+from slime_self_distill.teacher_weights import (
+    EmaTeacher,
+    TeacherAwareBackuper,
+    checkpoint_root,
+    ema_checkpoint_dir,
+    load_ema_shadow,
+    save_ema_shadow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,34 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             f"--loss-type is {getattr(args, 'loss_type', None)!r}: the teacher outputs are only read by the "
             "self-distillation loss; use --loss-type custom_loss with the plugin's --custom-loss-function-path"
         )
+    if config.kl_scope != "sampled_token" and getattr(args, "rollout_max_response_len", None) is None:
+        # slime allows it (SGLang then generates up to the context length), but the store cannot be sized.
+        raise ConfigError(
+            f"{flag_name('kl_scope')} {config.kl_scope} keeps teacher outputs of every response token in host memory "
+            "and needs --rollout-max-response-len to bound them; set it (or use the sampled_token scope)"
+        )
+    if config.kl_scope == "full_vocab" and not (getattr(args, "padded_vocab_size", None) or
+                                                getattr(args, "vocab_size", None)):
+        raise ConfigError(
+            f"{flag_name('kl_scope')} full_vocab needs the vocabulary size to size the teacher store; set --vocab-size"
+        )
+    if config.teacher == "frozen" and not slime_loads_teacher_checkpoint(args):
+        raise ConfigError(
+            f"{flag_name('teacher')} frozen needs a checkpoint that stays the same when the run resumes (slime loads "
+            "the latest --save checkpoint into the model after a restart, and --release-train recreates the actors "
+            "from it every rollout): add --use-opd --opd-type megatron --opd-teacher-load <the initial checkpoint, "
+            "e.g. your --ref-load> --opd-kl-coef 0 (python -m slime_self_distill.train fills these in from "
+            f"--ref-load), or use {flag_name('teacher')} ema or live"
+        )
+    if (config.teacher == "ema" and config.ema_update_interval == "step"
+            and getattr(args, "use_distributed_optimizer", False) and getattr(args, "overlap_param_gather", False)):
+        raise ConfigError(
+            f"{flag_name('teacher')} ema updated every optimizer step would average stale parameters with "
+            "--use-distributed-optimizer --overlap-param-gather (the updated parameters are all-gathered only during "
+            "the next forward pass, so each data-parallel replica's average would drift apart); drop "
+            f"--overlap-param-gather, or use {flag_name('ema_update_interval')} rollout (slime gathers the "
+            "parameters at the end of each rollout's training)"
+        )
     if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
         raise ConfigError(
             "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
@@ -102,31 +134,22 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             )
 
 
-def check_host_memory(args: Any, config: SelfDistillConfig, dp_size: int) -> None:
-    """Refuse a full_vocab run whose teacher store cannot fit in host memory (proposes the topk scope)."""
-    if config.kl_scope != "full_vocab":
+def check_teacher_store(args: Any, config: SelfDistillConfig, dp_size: int) -> None:
+    """The launcher's early check, before any actor exists: the teacher store alone (a lower bound of what the
+    training ranks keep on the host) against the budget, measured on the launcher's node. The training actors check
+    everything they keep, on their own nodes, when they start (``Installation.check_host_memory``)."""
+    parallel = host_memory.Parallel(tp=args.tensor_model_parallel_size, cp=args.context_parallel_size, dp=dp_size)
+    store = host_memory.teacher_store_bytes(args, config, parallel)
+    if not store:
         return
-    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
-    if not vocab:
-        raise ConfigError(
-            f"{flag_name('kl_scope')} full_vocab needs the vocabulary size to size the teacher store; set --vocab-size"
-        )
-    if getattr(args, "rollout_max_response_len", None) is None:
-        # slime allows it (SGLang then generates up to the context length), but the store cannot be sized.
-        raise ConfigError(
-            f"{flag_name('kl_scope')} full_vocab needs --rollout-max-response-len to bound the teacher store in host "
-            "memory; set it (or use the topk / sampled_token scope)"
-        )
-    layout = TeacherStoreLayout(
-        num_samples=args.rollout_batch_size * args.n_samples_per_prompt,
-        max_response_len=args.rollout_max_response_len,
-        padded_vocab_size=vocab,
-        tp_size=args.tensor_model_parallel_size,
-        cp_size=args.context_parallel_size,
-        dp_size=dp_size,
-        gpus_per_node=args.actor_num_gpus_per_node,
+    store_rank = host_memory.RankHostMemory(
+        (host_memory.Item(f"{config.kl_scope} teacher store", store, host_memory.WHILE_TRAINING),)
     )
-    check_full_vocab_store_fits(layout, config, host_memory_budget_bytes(config))
+    ranks_per_node = min(args.actor_num_gpus_per_node, dp_size * parallel.tp * parallel.cp)
+    node = host_memory.NodeHostMemory(
+        "of the launcher", [store_rank] * ranks_per_node, host_memory.available_host_memory_bytes()
+    )
+    host_memory.check_nodes([node], args, config, parallel)
 
 
 # ---------------------------------------------------------------------- teacher pass
@@ -356,6 +379,29 @@ def wrap_rollout_data_consumer(original: Callable) -> Callable:
     return consumer
 
 
+def wrap_initialize(original: Callable, installation: "Installation") -> Callable:
+    """``initialize_model_and_optimizer(args, role)``, recording what it loaded (the EMA teacher resumes from it)."""
+
+    @functools.wraps(original)
+    def initialize_model_and_optimizer(args, role="actor"):
+        result = original(args, role)
+        installation.record_loaded_checkpoint(args, result[3])
+        return result
+
+    return initialize_model_and_optimizer
+
+
+def wrap_save(original: Callable, installation: "Installation") -> Callable:
+    """``save(iteration, model, optimizer, opt_param_scheduler)``: the EMA shadow first, then slime's checkpoint."""
+
+    @functools.wraps(original)
+    def save(iteration, model, optimizer, opt_param_scheduler):
+        installation.save_ema(iteration)
+        return original(iteration, model, optimizer, opt_param_scheduler)
+
+    return save
+
+
 def wrap_then(original: Callable, after: Callable[[], None]) -> Callable:
     """``original`` followed by ``after()`` (the EMA updates after ``train_one_step`` / ``train``)."""
 
@@ -369,25 +415,135 @@ def wrap_then(original: Callable, after: Callable[[], None]) -> Callable:
 
 
 # ---------------------------------------------------------------------- install / uninstall
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What slime's ``initialize_model_and_optimizer`` loaded into the student: ``--load``, the iteration Megatron
+    returned, and ``--finetune`` (slime sets it when ``--load`` holds no Megatron checkpoint and it starts from
+    ``--ref-load``)."""
+
+    load: Optional[str]
+    iteration: int
+    finetune: bool
+
+    @property
+    def resumes_a_run(self) -> bool:
+        """A Megatron checkpoint loaded without --finetune: slime continues the run that saved it."""
+        if self.finetune or not self.load:
+            return False
+        return os.path.isfile(os.path.join(checkpoint_root(self.load), "latest_checkpointed_iteration.txt"))
+
+
+def model_parallel_shard() -> str:
+    """Which part of the model this rank's weights are: ranks with the same name hold the same tensors (data- and
+    context-parallel replicas)."""
+    from megatron.core import mpu
+
+    return (f"pp{mpu.get_pipeline_model_parallel_rank():03d}_tp{mpu.get_tensor_model_parallel_rank():03d}_"
+            f"ep{mpu.get_expert_model_parallel_rank():03d}_etp{mpu.get_expert_tensor_parallel_rank():03d}")
+
+
+def _all_ranks(value: Any) -> list:
+    """``value`` of every training rank, over slime's all-ranks gloo group."""
+    from slime.utils.distributed_utils import get_gloo_group
+
+    group = get_gloo_group()
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
 @dataclass
 class Installation:
+    args: Any
     config: SelfDistillConfig
     # (owner, attribute, the owner's own value before patching): restored by uninstall().
     replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
-    teacher_weights: Optional[TeacherWeights] = None
+    loaded: Optional[LoadedCheckpoint] = None
+    backuper: Optional[TeacherAwareBackuper] = None
+    ema: Optional[EmaTeacher] = None  # None unless --self-distill-teacher ema, and in processes without a backuper
+    ema_shard: str = ""
+    writes_ema_shard: bool = False
 
     def replace(self, owner: Any, name: str, make: Callable[[Callable], Any]) -> None:
         own_value = inspect.getattr_static(owner, name)
         self.replaced.append((owner, name, own_value))
         setattr(owner, name, make(getattr(owner, name)))
 
+    # ------------------------------------------------------------------ called from slime's start-up
+    def record_loaded_checkpoint(self, args: Any, iteration: int) -> None:
+        self.loaded = LoadedCheckpoint(args.load, iteration, bool(getattr(args, "finetune", False)))
+
+    def create_backuper(self, original: Callable, source_getter: Callable, single_tag: Optional[str]):
+        """slime's ``TensorBackuper.create`` in ``MegatronTrainRayActor.init``, while the model holds the weights
+        slime loaded from ``--load`` and before any weight backup exists: check host memory, set up the teacher,
+        hand slime the ``TeacherAwareBackuper``."""
+        if single_tag is not None:
+            raise RuntimeError(f"a single-tag weights backuper ({single_tag!r}) cannot hold a teacher")
+        backuper = original(source_getter, single_tag)
+        tensors = list(source_getter())
+        self.check_host_memory(tensors)
+        if self.config.teacher == "ema":
+            self.ema_shard = model_parallel_shard()
+            shards = _all_ranks(self.ema_shard)
+            self.writes_ema_shard = shards.index(self.ema_shard) == dist.get_rank()  # the first rank of its shard
+            shadow = None
+            if self.loaded is not None and self.loaded.resumes_a_run:
+                directory = ema_checkpoint_dir(self.loaded.load, self.loaded.iteration)
+                shadow = load_ema_shadow(directory, self.ema_shard, {name: tuple(t.shape) for name, t in tensors})
+                logger.info("slime_self_distill: EMA teacher restored from %s", directory)
+            self.ema = EmaTeacher(
+                backuper=backuper, source_getter=source_getter, ema_rate=self.config.ema_rate,
+                ema_update_interval=self.config.ema_update_interval, shadow=shadow,
+            )
+        self.backuper = TeacherAwareBackuper(backuper, live_teacher=self.config.teacher == "live")
+        return self.backuper
+
+    def check_host_memory(self, tensors: list) -> None:
+        """Every rank's host-memory estimate, summed per node, against what each node has (``host_memory``)."""
+        import socket
+
+        from megatron.core import mpu
+
+        parallel = host_memory.Parallel(
+            tp=mpu.get_tensor_model_parallel_world_size(),
+            pp=mpu.get_pipeline_model_parallel_world_size(),
+            cp=mpu.get_context_parallel_world_size(),
+            dp=mpu.get_data_parallel_world_size(with_context_parallel=False),
+            expert_dp=mpu.get_expert_data_parallel_world_size(),
+            last_pipeline_stage=mpu.is_pipeline_last_stage(ignore_virtual=True),
+        )
+        infos = [host_memory.TensorInfo(name, t.numel(), t.element_size()) for name, t in tensors]
+        estimate = host_memory.rank_host_memory(self.args, self.config, infos, parallel)
+        # Every rank reads the available memory before any of them allocates its weight backups: the gather below
+        # is the first thing a rank waits in after its own reading.
+        nodes = host_memory.group_by_node(_all_ranks(
+            (socket.gethostname(), estimate, host_memory.available_host_memory_bytes())
+        ))
+        if dist.get_rank() == 0:
+            for node in nodes:
+                logger.info("slime_self_distill host memory: %s", host_memory.describe_node(node, self.config))
+        host_memory.check_nodes(nodes, self.args, self.config, parallel)
+
+    # ------------------------------------------------------------------ called from slime's training loop
+    def save_ema(self, iteration: int) -> None:
+        """Before slime's checkpoint of ``iteration``: this shard of the EMA shadow, beside it. All ranks wait for
+        every shard, so that Megatron marks the checkpoint complete only once the EMA is on disk."""
+        if self.ema is None:
+            return
+        directory = ema_checkpoint_dir(self.args.save, iteration)
+        if self.writes_ema_shard:
+            save_ema_shadow(self.ema.shadow, directory, self.ema_shard)
+        from slime.utils.distributed_utils import get_gloo_group
+
+        dist.barrier(group=get_gloo_group())
+
     def after_optimizer_step(self) -> None:
-        if self.teacher_weights is not None:  # None in processes without a weights backuper (critic)
-            self.teacher_weights.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.after_optimizer_step()
 
     def after_rollout_training(self) -> None:
-        if self.teacher_weights is not None:
-            self.teacher_weights.after_rollout_training()
+        if self.ema is not None:
+            self.ema.after_rollout_training()
 
 
 _installation: Optional[Installation] = None
@@ -401,8 +557,6 @@ def install(args: Any) -> None:
     """``--custom-megatron-init-path`` hook: check the set-up, then patch slime in this training process."""
     import importlib
 
-    from megatron.core import mpu
-
     from slime.observability import train_data_utils, train_metric_utils
     from slime.utils.tensor_backper import TensorBackuper
 
@@ -411,38 +565,26 @@ def install(args: Any) -> None:
     config = SelfDistillConfig.from_args(args)
     slime_version = slime_compat.verify()
     check_args(args, config)
-    check_host_memory(args, config, mpu.get_data_parallel_world_size(with_context_parallel=False))
     spec = TeacherOutputSpec.from_config(config, args.rollout_temperature)
+    for warning in unused_pass_warnings(args):
+        logger.warning("slime_self_distill: %s", warning)
 
     actor = importlib.import_module(_ACTOR)
     model = importlib.import_module(_MODEL)
-    from_checkpoint = slime_loads_teacher_checkpoint(args)
-    installation = Installation(config)
+    installation = Installation(args, config)
     try:
         installation.replace(actor, "forward_only", lambda original: wrap_forward_only(original, spec))
         installation.replace(model, "get_batch", wrap_get_batch)
         installation.replace(train_metric_utils, "log_rollout_data", wrap_rollout_data_consumer)
         installation.replace(train_data_utils, "save_debug_train_data", wrap_rollout_data_consumer)
-        if not from_checkpoint:
-
-            def wrap_create(original):
-                def create(source_getter, single_tag):
-                    backuper = original(source_getter, single_tag)
-                    if single_tag is not None:
-                        raise RuntimeError(f"a single-tag weights backuper ({single_tag!r}) cannot hold a teacher")
-                    installation.teacher_weights = TeacherWeights(
-                        config.teacher,
-                        backuper=backuper,
-                        source_getter=source_getter,
-                        ema_rate=config.ema_rate,
-                        ema_update_interval=config.ema_update_interval,
-                    )
-                    return backuper
-
-                return staticmethod(create)
-
-            installation.replace(TensorBackuper, "create", wrap_create)
+        installation.replace(
+            TensorBackuper, "create",
+            lambda original: staticmethod(functools.partial(installation.create_backuper, original)),
+        )
         if config.teacher == "ema":
+            installation.replace(actor, "initialize_model_and_optimizer",
+                                 lambda original: wrap_initialize(original, installation))
+            installation.replace(actor, "save", lambda original: wrap_save(original, installation))
             if config.ema_update_interval == "step":
                 installation.replace(model, "train_one_step", lambda o: wrap_then(o, installation.after_optimizer_step))
             installation.replace(actor, "train", lambda o: wrap_then(o, installation.after_rollout_training))
@@ -450,12 +592,28 @@ def install(args: Any) -> None:
         _restore(installation)
         raise
     _installation = installation
-    teacher = "the --opd-teacher-load checkpoint" if from_checkpoint else f"a {config.teacher} teacher"
+    teacher = {
+        "frozen": f"a frozen teacher (the --opd-teacher-load checkpoint {getattr(args, 'opd_teacher_load', None)})",
+        "live": "a live teacher (the student's current weights)",
+        "ema": f"an EMA teacher (rate {config.ema_rate} every {config.ema_update_interval}, saved with checkpoints)",
+    }[config.teacher]
     patched = ", ".join(f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in installation.replaced)
     logger.info(
         "slime_self_distill hooks installed on slime %s (checked against %s): %s scope, %s; patched %s",
         slime_version, slime_compat.CHECKED_SLIME_COMMIT[:9], config.kl_scope, teacher, patched,
     )
+
+
+def unused_pass_warnings(args: Any) -> list[str]:
+    """slime passes whose results the self-distillation loss never reads."""
+    warnings = []
+    if not getattr(args, "use_rollout_logprobs", False) or getattr(args, "get_mismatch_metrics", False):
+        warnings.append(
+            "slime recomputes the student's log-probabilities in a forward pass every rollout (about a quarter of "
+            "the actor's compute), and the self-distillation loss never reads them; pass --use-rollout-logprobs "
+            "(python -m slime_self_distill.train does) and leave --get-mismatch-metrics off to skip that pass"
+        )
+    return warnings
 
 
 def _restore(installation: Installation) -> None:

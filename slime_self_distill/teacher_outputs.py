@@ -21,7 +21,6 @@ sequence is longer than the student's, so its rows are re-laid-out to the studen
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,9 +44,8 @@ from slime_self_distill.teacher_view import (
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Keys kept in host memory between the teacher pass and the training step (moved to the GPU per micro-batch). The
 # memory is pageable, not pinned: PyTorch's pinned-memory allocator rounds every block up to a power of two (up to
-# 2x the store), while pageable memory costs exactly what the estimate below counts.
+# 2x the store), while pageable memory costs exactly what ``host_memory`` counts.
 HOST_KEYS = (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY, TEACHER_FULL_LOG_PROBS_KEY)
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -222,85 +220,3 @@ def relayout_cp_rows(
             if lo < hi:
                 out[offset + lo - start : offset + hi - start] = block[lo - block_start : hi - block_start]
     return out
-
-
-# ---------------------------------------------------------------------- host-memory estimate
-@dataclass(frozen=True)
-class TeacherStoreLayout:
-    """What sizes one rollout's teacher store: the rollout and the parallel layout of the training ranks."""
-
-    num_samples: int  # samples per rollout: --rollout-batch-size x --n-samples-per-prompt
-    max_response_len: int  # --rollout-max-response-len (upper bound of every response)
-    padded_vocab_size: int  # the model's (padded) vocabulary: the logits' width over all TP ranks
-    tp_size: int
-    cp_size: int
-    dp_size: int
-    gpus_per_node: int
-
-    @property
-    def ranks_per_node(self) -> int:
-        # Only the last pipeline stage keeps teacher outputs: dp x tp x cp ranks, consecutive in Megatron's rank
-        # order (pipeline outermost), so a node holds at most gpus_per_node of them.
-        return min(self.gpus_per_node, self.dp_size * self.tp_size * self.cp_size)
-
-    @property
-    def rows_per_rank(self) -> int:
-        # A rank holds its data-parallel share of the samples and about 1/cp_size of each response's rows.
-        return -(-self.num_samples // self.dp_size) * -(-self.max_response_len // self.cp_size)
-
-
-def teacher_store_bytes_per_node(layout: TeacherStoreLayout, *, kl_scope: str, topk: int,
-                                 storage_dtype: torch.dtype) -> int:
-    """Host bytes per node of one rollout's teacher store, kept from the teacher pass to the end of training.
-
-    'full_vocab': V / tp_size values of ``storage_dtype`` per response row; 'topk': K fp32 values + K int64 ids
-    per row; 'sampled_token': nothing on the host (its [R] fp32 teacher log-probs stay on the GPU, like slime's).
-    """
-    if kl_scope == "full_vocab":
-        row_bytes = -(-layout.padded_vocab_size // layout.tp_size) * torch.empty((), dtype=storage_dtype).element_size()
-    elif kl_scope == "topk":
-        row_bytes = topk * (4 + 8)
-    else:
-        row_bytes = 0
-    return layout.rows_per_rank * row_bytes * layout.ranks_per_node
-
-
-def available_host_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (free plus reclaimable cache); the free physical pages elsewhere."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_full_vocab_store_fits(layout: TeacherStoreLayout, config: SelfDistillConfig, budget_bytes: int) -> None:
-    """Refuse a full_vocab run whose teacher store would not fit the host-memory budget, proposing 'topk'."""
-    if config.kl_scope != "full_vocab":
-        return
-    needed = teacher_store_bytes_per_node(
-        layout, kl_scope="full_vocab", topk=config.topk, storage_dtype=STORAGE_DTYPES[config.full_vocab_storage_dtype]
-    )
-    if needed <= budget_bytes:
-        return
-    topk_needed = teacher_store_bytes_per_node(layout, kl_scope="topk", topk=config.topk, storage_dtype=torch.float32)
-    raise ConfigError(
-        f"{flag_name('kl_scope')} full_vocab would keep about {needed / GIB:.1f} GiB of teacher log-probabilities in "
-        f"host memory per node ({layout.num_samples} samples x up to {layout.max_response_len} tokens x "
-        f"{layout.padded_vocab_size} vocabulary entries in {config.full_vocab_storage_dtype}, "
-        f"{layout.ranks_per_node} training ranks per node with TP={layout.tp_size}, CP={layout.cp_size}, "
-        f"DP={layout.dp_size}), over the budget of {budget_bytes / GIB:.1f} GiB ({flag_name('host_memory_budget_gb')}, "
-        f"default 80% of the memory available at start-up). Use {flag_name('kl_scope')} topk {flag_name('topk')} "
-        f"{config.topk} (about {topk_needed / GIB:.2f} GiB per node), or reduce --rollout-batch-size, "
-        f"--n-samples-per-prompt or --rollout-max-response-len, or raise the budget."
-    )
-
-
-def host_memory_budget_bytes(config: SelfDistillConfig) -> int:
-    """--self-distill-host-memory-budget-gb, else 80% of the host memory available now."""
-    if config.host_memory_budget_gb is not None:
-        return int(config.host_memory_budget_gb * GIB)
-    return int(0.8 * available_host_memory_bytes())

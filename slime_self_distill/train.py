@@ -1,18 +1,25 @@
 """Launch slime's own training loop with the self-distillation plugin wired in.
 
     python -m slime_self_distill.train [--slime-entry train|train_async] [--slime-root DIR] [--check-only]
-        <slime arguments> [--self-distill-* flags | --custom-config-path configs/sdft.yaml]
+        <slime arguments> [--custom-config-path configs/<recipe>.yaml] [--self-distill-* flags]
 
 What it adds to running slime's ``train.py`` directly:
 
-* the plugin's hook paths (data source, converter, loss, Megatron init) are filled in unless given;
+* a recipe (``--custom-config-path``) may carry slime settings as ``slime_args`` (e.g. the official optimisation
+  settings of its method); they go on slime's command line *before* yours, so a flag you give wins;
+* the plugin's hook paths (data source, converter, loss, Megatron init) are filled in unless given, and so are
+  ``--use-rollout-logprobs`` (the loss never reads slime's student log-prob pass: it is skipped) and, for a frozen
+  teacher, ``--use-opd --opd-type megatron --opd-teacher-load <--ref-load> --opd-kl-coef 0`` (a checkpoint that
+  stays the teacher across restarts);
 * the ``--self-distill-*`` flags are registered with slime's real parser (``parse_args(add_custom_arguments=...)``);
   Megatron parses with ``ignore_unknown_args=True``, so a misspelt flag would otherwise be dropped silently: it is
-  refused here, naming the closest valid flag;
+  refused here, naming the closest valid flag, and so is a recipe key that is neither a slime nor a plugin setting;
 * every self-distillation setting and its combination with slime's settings is checked before slime's parser runs
-  (the ``--self-distill-*`` flags and YAML keys alone) and again on slime's parsed ``args`` (``SelfDistillConfig``,
-  ``megatron_hooks.check_args``, the full_vocab host-memory estimate), i.e. before any Ray placement group or
-  actor exists, so that a bad setting fails in seconds with the flag named.
+  (the ``--self-distill-*`` flags and recipe keys alone; a knob without effect is a warning), every row of
+  ``--prompt-data`` goes through the checks of the data source, and slime's parsed ``args`` through the training
+  actors' own start-up checks, before any Ray placement group or actor exists, so that a mistake fails in seconds.
+
+Without slime installed, ``--help`` and ``--check-only`` still check the plugin's settings and the prompt data.
 
 slime's ``train.py`` / ``train_async.py`` are scripts at the root of slime's checkout (not importable modules); the
 checkout is ``--slime-root``, else ``$SLIME_ROOT``, else the parent of the importable ``slime`` package. The script is
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -33,14 +41,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from slime_self_distill.config import (
     ARG_PREFIX,
+    SETTING_KEYS,
     ConfigError,
     SelfDistillConfig,
     add_self_distill_arguments,
+    closest_setting,
     flag_name,
+    looks_like_a_setting,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,11 +66,18 @@ PLUGIN_DEFAULTS: tuple[tuple[str, str], ...] = (
     # prepare_dataset writes the student prompt under "prompt"; slime's own default key is "input".
     ("--input-key", "prompt"),
 )
+# The loss never reads slime's recomputed student log-probs: --use-rollout-logprobs skips that forward pass (slime
+# then takes SGLang's log-probs wherever it needs old log-probs). Not with --use-tis (slime refuses the pair) or
+# --get-mismatch-metrics (which recomputes them on purpose).
+USE_ROLLOUT_LOGPROBS_FLAG = "--use-rollout-logprobs"
+KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics")
 # slime's default --opd-kl-coef is 1.0, which megatron_hooks.check_args refuses when --use-opd only loads the
 # frozen teacher checkpoint; 0 is the only accepted value, so it is filled in with --use-opd unless given.
 OPD_KL_COEF_FLAG = "--opd-kl-coef"
 USE_OPD_FLAG = "--use-opd"
+REF_LOAD_FLAG = "--ref-load"
 CUSTOM_CONFIG_FLAG = "--custom-config-path"
+RECIPE_SLIME_ARGS_KEY = "slime_args"  # recipe key: slime flags put before the command line's
 ENTRY_SCRIPTS = {"train": "train.py", "train_async": "train_async.py"}
 SLIME_ROOT_ENV = "SLIME_ROOT"
 
@@ -77,6 +95,8 @@ class LaunchOptions:
     slime_root: Optional[str]
     check_only: bool
     print_slime_root: bool
+    help: bool
+    slime_help: bool
     slime_argv: list[str]
 
 
@@ -84,26 +104,43 @@ def launcher_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m slime_self_distill.train",
         description="Run slime's train.py / train_async.py with the self-distillation plugin. Every argument not "
-        "listed here is passed to slime (see slime's --help and the --self-distill-* flags).",
+        "listed here is passed to slime (--slime-help lists slime's own, which needs slime installed).",
         allow_abbrev=False,
-        add_help=False,  # --help is slime's (it lists the --self-distill-* flags too)
+        add_help=False,  # -h/--help is handled by main() (it also lists the --self-distill-* flags)
     )
+    parser.add_argument("-h", "--help", action="store_true", help="Show this help and the --self-distill-* flags.")
+    parser.add_argument("--slime-help", action="store_true", help="Show slime's own --help (needs slime).")
     parser.add_argument("--slime-entry", choices=sorted(ENTRY_SCRIPTS), default="train",
                         help="slime's training loop: train (synchronous, supports --colocate) or train_async.")
     parser.add_argument("--slime-root", default=None,
                         help=f"slime's checkout (the directory holding train.py); default ${SLIME_ROOT_ENV}, else the "
                         "parent of the importable slime package.")
     parser.add_argument("--check-only", action="store_true",
-                        help="Parse and validate every argument with slime's parser, then exit without training.")
+                        help="Check the settings, the recipe and every row of --prompt-data (and, with slime "
+                        "installed, every argument with slime's parser), then exit without training.")
     parser.add_argument("--print-slime-root", action="store_true",
                         help="Print the slime checkout that would be used and exit.")
     return parser
 
 
+def help_text() -> str:
+    plugin = argparse.ArgumentParser(prog="python -m slime_self_distill.train", add_help=False, allow_abbrev=False)
+    add_self_distill_arguments(plugin)
+    return "\n".join([
+        launcher_parser().format_help().rstrip(),
+        "",
+        plugin.format_help().split("\n", 2)[2].rstrip(),  # the flag groups, without the usage line
+        "",
+        f"A recipe ({CUSTOM_CONFIG_FLAG} configs/<recipe>.yaml) sets the same settings as YAML keys (flag names with "
+        f"underscores) and may list slime flags under '{RECIPE_SLIME_ARGS_KEY}'.",
+    ])
+
+
 def split_launcher_options(argv: Sequence[str]) -> LaunchOptions:
     """Separate the launcher's own options from the arguments meant for slime (kept in order)."""
     known, rest = launcher_parser().parse_known_args(list(argv))
-    return LaunchOptions(known.slime_entry, known.slime_root, known.check_only, known.print_slime_root, rest)
+    return LaunchOptions(known.slime_entry, known.slime_root, known.check_only, known.print_slime_root, known.help,
+                         known.slime_help, rest)
 
 
 def _flag_of(token: str) -> Optional[str]:
@@ -117,23 +154,46 @@ def given_flags(argv: Sequence[str]) -> set[str]:
     return {flag for flag in map(_flag_of, argv) if flag is not None}
 
 
-def fill_plugin_defaults(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Append the plugin's hook paths the user did not give; returns (new argv, the flags filled in).
+def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The last value given to ``flag`` (argparse keeps the last one), as ``--flag value`` or ``--flag=value``."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == flag:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{flag} needs a value")
+            value = argv[i + 1]
+        elif token.startswith(flag + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tuple[list[str], list[str]]:
+    """Append what the plugin needs and the user did not give; returns (new argv, the arguments filled in).
 
     A flag the user gave is never changed: a different --loss-type is refused later by ``check_args`` (the message
     names it), and a user's own converter / loss / data source path is their choice.
     """
     present = given_flags(argv)
-    filled: list[str] = []
-    out = list(argv)
+    filled: list[list[str]] = []
     for flag, value in PLUGIN_DEFAULTS:
         if flag not in present:
-            out += [flag, value]
-            filled.append(flag)
-    if USE_OPD_FLAG in present and OPD_KL_COEF_FLAG not in present:
-        out += [OPD_KL_COEF_FLAG, "0"]
-        filled.append(OPD_KL_COEF_FLAG)
-    return out, filled
+            filled.append([flag, value])
+    if USE_ROLLOUT_LOGPROBS_FLAG not in present and not present & set(KEEPS_STUDENT_PASS_FLAGS):
+        filled.append([USE_ROLLOUT_LOGPROBS_FLAG])
+    uses_opd = USE_OPD_FLAG in present
+    if config.teacher == "frozen" and not uses_opd:
+        initial = flag_value(argv, REF_LOAD_FLAG)
+        if initial is None:
+            raise ConfigError(
+                f"{flag_name('teacher')} frozen is the run's initial checkpoint, read from {REF_LOAD_FLAG}: give "
+                f"{REF_LOAD_FLAG} <initial Megatron checkpoint>, or name the teacher checkpoint yourself with "
+                f"{USE_OPD_FLAG} --opd-type megatron --opd-teacher-load <checkpoint>"
+            )
+        filled.append([USE_OPD_FLAG, "--opd-type", "megatron", "--opd-teacher-load", initial])
+        uses_opd = True
+    if uses_opd and OPD_KL_COEF_FLAG not in present:
+        filled.append([OPD_KL_COEF_FLAG, "0"])
+    return [*argv, *(token for arguments in filled for token in arguments)], [" ".join(a) for a in filled]
 
 
 def _closest_self_distill_flag(flag: str, cutoff: float) -> Optional[str]:
@@ -173,19 +233,6 @@ def _config_namespace_from_flags(argv: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in vars(known).items() if v is not None}
 
 
-def custom_config_path(argv: Sequence[str]) -> Optional[str]:
-    """The last ``--custom-config-path`` value (argparse keeps the last one)."""
-    path = None
-    for i, token in enumerate(argv):
-        if token == CUSTOM_CONFIG_FLAG:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{CUSTOM_CONFIG_FLAG} needs a YAML file path")
-            path = argv[i + 1]
-        elif token.startswith(CUSTOM_CONFIG_FLAG + "="):
-            path = token.split("=", 1)[1]
-    return path
-
-
 def load_custom_config(path: str) -> dict[str, Any]:
     """The YAML mapping slime applies with ``setattr(args, key, value)``."""
     import yaml
@@ -207,16 +254,77 @@ def load_custom_config(path: str) -> dict[str, Any]:
     return data
 
 
-def precheck_self_distill_settings(argv: Sequence[str]) -> SelfDistillConfig:
-    """Validate the self-distillation settings from the flags and the YAML file alone (no slime import).
+def recipe_slime_args(recipe: dict[str, Any], path: str) -> list[str]:
+    """The recipe's ``slime_args``: slime flags and values, as strings."""
+    values = recipe.get(RECIPE_SLIME_ARGS_KEY, [])
+    if not isinstance(values, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                               for v in values):
+        raise ConfigError(
+            f"{CUSTOM_CONFIG_FLAG} {path}: '{RECIPE_SLIME_ARGS_KEY}' must be a list of slime flags and values "
+            f"(e.g. [--lr, 5.0e-5]), got {values!r}"
+        )
+    arguments = [str(v) for v in values]
+    if arguments and _flag_of(arguments[0]) is None:
+        raise ConfigError(f"{CUSTOM_CONFIG_FLAG} {path}: '{RECIPE_SLIME_ARGS_KEY}' must start with a flag, got "
+                          f"{arguments[0]!r}")
+    return arguments
+
+
+def check_recipe_setting_keys(recipe: dict[str, Any], path: str) -> None:
+    """Refuse a recipe key meant as a plugin setting that is not one (slime would set it on ``args`` and nobody would
+    read it): ``self_distil_topk``, ``self-distill-topk``, ``topk``, ``kl_scope``. Keys that are slime settings are
+    checked against slime's parser in ``check_recipe_slime_keys``."""
+    for key in recipe:
+        if key in SETTING_KEYS or key == RECIPE_SLIME_ARGS_KEY:
+            continue
+        closest = closest_setting(key)
+        unprefixed = closest == ARG_PREFIX + key.lower().replace("-", "_")
+        if looks_like_a_setting(key) or unprefixed:
+            hint = f"; did you mean {closest!r}?" if closest else ""
+            raise ConfigError(f"{CUSTOM_CONFIG_FLAG} {path}: unknown key {key!r}: not a self-distillation setting"
+                              f"{hint} (settings are the --self-distill-* flags with underscores)")
+
+
+def check_recipe_slime_keys(recipe: dict[str, Any], path: str, slime_keys: set[str]) -> None:
+    """Refuse a recipe key that is neither a slime argument nor a plugin setting: slime would set it without a word."""
+    valid = slime_keys | SETTING_KEYS | {RECIPE_SLIME_ARGS_KEY}
+    unknown = sorted(key for key in recipe if key not in valid)
+    if unknown:
+        hints = "; ".join(
+            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                key.replace("-", "_"), sorted(valid), n=1, cutoff=0.6)) else "")
+            for key in unknown
+        )
+        raise ConfigError(f"{CUSTOM_CONFIG_FLAG} {path}: unknown key(s) {hints}: neither a slime argument nor a "
+                          "self-distillation setting, so slime would set it on args and nothing would read it")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What the launcher hands slime, from the command line and the recipe (no slime needed to build it)."""
+
+    slime_argv: list[str]
+    filled: list[str]  # arguments the launcher added
+    config: SelfDistillConfig
+    recipe: dict[str, Any]
+    recipe_path: Optional[str]
+    warnings: list[str]
+
+
+def plan_launch(argv: Sequence[str]) -> LaunchPlan:
+    """Everything that needs no slime: flag, recipe and setting checks, recipe slime arguments, plugin defaults.
 
     slime applies ``--custom-config-path`` after parsing and so overrides a flag given on the command line; a
-    setting given both ways with different values is refused rather than letting the YAML win silently.
+    self-distillation setting given both ways with different values is refused rather than letting the YAML win.
     """
     check_self_distill_flags(argv)
-    from_flags = _config_namespace_from_flags(argv)
-    path = custom_config_path(argv)
-    from_yaml = {k: v for k, v in load_custom_config(path).items() if k.startswith(ARG_PREFIX)} if path else {}
+    path = flag_value(argv, CUSTOM_CONFIG_FLAG)
+    recipe = load_custom_config(path) if path else {}
+    check_recipe_setting_keys(recipe, path)
+    from_recipe_args = recipe_slime_args(recipe, path)
+    check_self_distill_flags(from_recipe_args)
+    from_flags = _config_namespace_from_flags([*from_recipe_args, *argv])
+    from_yaml = {k: v for k, v in recipe.items() if k in SETTING_KEYS}
     for key in sorted(from_flags.keys() & from_yaml.keys()):
         if from_flags[key] != from_yaml[key]:
             raise ConfigError(
@@ -224,11 +332,18 @@ def precheck_self_distill_settings(argv: Sequence[str]) -> SelfDistillConfig:
                 f"'{key}: {from_yaml[key]}' in {CUSTOM_CONFIG_FLAG} {path} (slime applies the YAML value last); "
                 "remove one of them"
             )
+    settings = argparse.Namespace(**{**from_flags, **from_yaml})
     try:
-        return SelfDistillConfig.from_args(argparse.Namespace(**{**from_flags, **from_yaml}))
+        config = SelfDistillConfig.from_args(settings)
     except ConfigError as error:
         where = f" (settings from the command line and {CUSTOM_CONFIG_FLAG} {path})" if path else ""
         raise ConfigError(f"{error}{where}") from None
+    warnings = config.ineffective_settings(SelfDistillConfig.explicit_settings(settings))
+    for flag in sorted(given_flags(from_recipe_args) & given_flags(argv)):
+        warnings.append(f"{flag} {flag_value(argv, flag) or ''} on the command line replaces the recipe's "
+                        f"{flag} {flag_value(from_recipe_args, flag) or ''}".replace("  ", " "))
+    slime_argv, filled = fill_plugin_defaults([*from_recipe_args, *argv], config)
+    return LaunchPlan(slime_argv, filled, config, recipe, path, warnings)
 
 
 # ---------------------------------------------------------------------- parsed-args validation
@@ -245,15 +360,52 @@ def actor_data_parallel_size(args: Any) -> int:
 
 
 def validate_parsed_args(args: Any) -> SelfDistillConfig:
-    """The training actors' own start-up checks, run once on the driver before any actor exists."""
-    from slime_self_distill.megatron_hooks import check_args, check_host_memory
+    """The training actors' own start-up checks, run once on the driver before any actor exists (the host-memory
+    check of the actors needs their parameters; here, only the teacher store is checked, as a lower bound)."""
+    from slime_self_distill.megatron_hooks import check_args, check_teacher_store
 
     config = SelfDistillConfig.from_args(args)
     check_args(args, config)
     if getattr(args, "debug_rollout_only", False):  # no training actors, no teacher store
         return config
-    check_host_memory(args, config, actor_data_parallel_size(args))
+    check_teacher_store(args, config, actor_data_parallel_size(args))
     return config
+
+
+# ---------------------------------------------------------------------- the prompt data
+# slime's flags (and defaults) that say where a row's fields are; the recipe may set them as YAML keys too, which
+# slime applies last.
+PROMPT_DATA_FLAGS = (("--prompt-data", "prompt_data", None), ("--input-key", "input_key", "input"),
+                     ("--metadata-key", "metadata_key", "metadata"), ("--label-key", "label_key", None),
+                     ("--tool-key", "tool_key", "tools"))
+MAX_LISTED_ROWS = 20
+
+
+def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
+    """Every row of ``--prompt-data`` through the checks of slime's ``Dataset`` and of the data source; raises
+    ``SelfDistillDataError`` listing the bad rows; returns a one-line summary (None without ``--prompt-data``)."""
+    from slime_self_distill.data_source import PromptDataKeys, SelfDistillDataError, check_prompt_data as check_rows
+
+    values = {}
+    for flag, key, default in PROMPT_DATA_FLAGS:
+        given = flag_value(plan.slime_argv, flag)
+        values[key] = plan.recipe[key] if key in plan.recipe else default if given is None else given
+    path = values.pop("prompt_data")
+    if path is None:
+        return None
+    keys = PromptDataKeys(apply_chat_template=bool(plan.recipe.get(
+        "apply_chat_template", "--apply-chat-template" in given_flags(plan.slime_argv))), **values)
+    report = check_rows(path, keys, plan.config)
+    if report.problems:
+        listing = "\n".join(f"  row {number}: {problem}" for number, problem in report.problems[:MAX_LISTED_ROWS])
+        raise SelfDistillDataError(
+            f"--prompt-data {path}: {len(report.problems)} of {report.rows} rows would fail (the first "
+            f"{min(len(report.problems), MAX_LISTED_ROWS)}):\n{listing}"
+        )
+    if not report.rows:
+        raise SelfDistillDataError(f"--prompt-data {path} has no rows")
+    excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
+    return f"--prompt-data {path}: {report.rows} rows OK{excluded}"
 
 
 def add_custom_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -356,44 +508,87 @@ def load_entry_module(root: Path, entry: str) -> ModuleType:
 
 
 # ---------------------------------------------------------------------- main
-def prepare_slime_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Everything that needs no slime: flag and YAML checks, plugin defaults. Returns (slime's argv, filled flags)."""
-    precheck_self_distill_settings(argv)
-    return fill_plugin_defaults(argv)
+@contextlib.contextmanager
+def recorded_argument_names() -> Iterator[set[str]]:
+    """While active, every argparse argument added anywhere (slime's, Megatron's, SGLang's parsers) records its
+    destination name in the yielded set: the keys a recipe may set."""
+    names: set[str] = set()
+    original = argparse._ActionsContainer.add_argument
+
+    def add_argument(self, *args, **kwargs):
+        action = original(self, *args, **kwargs)
+        names.add(action.dest)
+        return action
+
+    argparse._ActionsContainer.add_argument = add_argument
+    try:
+        yield names
+    finally:
+        argparse._ActionsContainer.add_argument = original
 
 
-def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> Any:
-    """slime's real ``parse_args`` with the plugin's flags, on ``slime_argv`` (it reads ``sys.argv``)."""
+def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> tuple[Any, set[str]]:
+    """slime's real ``parse_args`` with the plugin's flags, on ``slime_argv`` (it reads ``sys.argv``); returns the
+    parsed args and the names of every argument slime's parsers know."""
     import_slime_from(root)
     from slime.utils.arguments import parse_args
 
     saved = sys.argv
     sys.argv = [str(root / ENTRY_SCRIPTS[entry]), *slime_argv]
     try:
-        return parse_args(add_custom_arguments=add_custom_arguments)
+        with recorded_argument_names() as names:
+            args = parse_args(add_custom_arguments=add_custom_arguments)
+        return args, names
     finally:
         sys.argv = saved
 
 
+def _say(message: str) -> None:
+    print(f"slime_self_distill.train: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.environ) -> int:
+    from slime_self_distill.data_source import SelfDistillDataError
+
     options = split_launcher_options(sys.argv[1:] if argv is None else argv)
+    if options.help:
+        print(help_text())
+        return 0
     try:
-        root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
-        if options.print_slime_root:
-            print(root)
+        if options.print_slime_root or options.slime_help:
+            root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
+            if options.print_slime_root:
+                print(root)
+                return 0
+            try:
+                parse_slime_args(root, ["--help"], options.slime_entry)
+            except SystemExit as done:  # argparse printed slime's help
+                return int(done.code or 0)
+        plan = plan_launch(options.slime_argv)
+        for warning in plan.warnings:
+            _say(f"warning: {warning}")
+        data_summary = check_prompt_data(plan)
+        try:
+            root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
+        except LaunchError as missing:
+            if not options.check_only:
+                raise
+            print(f"slime_self_distill.train: self-distillation settings OK ({plan.config})"
+                  + (f"; {data_summary}" if data_summary else ""))
+            _say(f"slime's own arguments were not checked: {missing}")
             return 0
-        slime_argv, filled = prepare_slime_argv(options.slime_argv)
-        args = parse_slime_args(root, slime_argv, options.slime_entry)  # configures slime's logging
+        args, slime_keys = parse_slime_args(root, plan.slime_argv, options.slime_entry)  # configures slime's logging
+        check_recipe_slime_keys(plan.recipe, plan.recipe_path, slime_keys)
         config = validate_parsed_args(args)
         entry = load_entry_module(root, options.slime_entry)
-    except (ConfigError, LaunchError) as error:
-        print(f"slime_self_distill.train: error: {error}", file=sys.stderr)
+    except (ConfigError, LaunchError, SelfDistillDataError) as error:
+        _say(f"error: {error}")
         return 2
-    for flag in filled:
-        logger.info("slime_self_distill: filled in %s %s", flag, slime_argv[slime_argv.index(flag) + 1])
+    for filled in plan.filled:
+        logger.info("slime_self_distill: filled in %s", filled)
     logger.info("slime_self_distill: %s", config)
     if options.check_only:
-        print(f"slime_self_distill.train: arguments OK ({config})")
+        print(f"slime_self_distill.train: arguments OK ({config})" + (f"; {data_summary}" if data_summary else ""))
         return 0
     entry.train(args)
     return 0

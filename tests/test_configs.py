@@ -8,7 +8,11 @@ import pytest
 import yaml
 
 from slime_self_distill.config import ARG_PREFIX, SelfDistillConfig
-from slime_self_distill.train import precheck_self_distill_settings
+from slime_self_distill.train import plan_launch
+
+
+def precheck_self_distill_settings(argv):
+    return plan_launch([*argv, "--ref-load", "/ckpt/initial"]).config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml")

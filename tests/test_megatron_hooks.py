@@ -15,7 +15,8 @@ from slime_self_distill.megatron_hooks import (
     wrap_rollout_data_consumer,
     wrap_then,
 )
-from slime_self_distill.teacher_outputs import TeacherStoreLayout, teacher_store_bytes_per_node
+from slime_self_distill.host_memory import Parallel, teacher_store_bytes
+from slime_self_distill.teacher_weights import TeacherAwareBackuper
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
     TEACHER_FULL_LOG_PROBS_KEY,
@@ -132,7 +133,11 @@ def test_wrap_then_runs_the_hook_after_the_function():
         (dict(use_opd=True, opd_type="sglang"), "--opd-type sglang"),
         (dict(use_opd=True, opd_type="megatron", self_distill_teacher="ema", opd_kl_coef=0.0),
          "--self-distill-teacher ema builds the teacher from the student"),
-        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0), "--opd-kl-coef 0"),
+        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0, self_distill_teacher="frozen"), "--opd-kl-coef 0"),
+        (dict(self_distill_teacher="frozen"), "frozen needs a checkpoint that stays the same when the run resumes"),
+        (dict(self_distill_teacher="ema", use_distributed_optimizer=True, overlap_param_gather=True),
+         "would average stale parameters"),
+        (dict(self_distill_kl_scope="topk", rollout_max_response_len=None), "needs --rollout-max-response-len"),
     ],
 )
 def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overrides, match):
@@ -142,10 +147,14 @@ def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overri
 
 
 def test_frozen_checkpoint_teacher_with_opd_kl_off_is_accepted():
-    args = make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0)
+    args = make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0, self_distill_teacher="frozen")
     check_args(args, SelfDistillConfig.from_args(args))
     assert megatron_hooks.slime_loads_teacher_checkpoint(args)
     assert not megatron_hooks.slime_loads_teacher_checkpoint(make_args())
+    # an EMA refreshed once per rollout reads parameters slime has gathered at the end of training
+    args = make_args(self_distill_teacher="ema", self_distill_ema_update_interval="rollout",
+                     use_distributed_optimizer=True, overlap_param_gather=True)
+    check_args(args, SelfDistillConfig.from_args(args))
 
 
 # ---------------------------------------------------------------------- slime's real passes on CPU
@@ -251,18 +260,26 @@ def test_full_vocab_store_is_what_the_estimate_says(slime_cpu):
     rollout = make_rollout(15, num_samples=4, full_length_responses=True, max_response_len=9)
     outputs = log_prob_pass(slime_cpu, args, TinyCausalLM(), rollout, "teacher_")
     stored = sum(t.nbytes for t in outputs[TEACHER_FULL_LOG_PROBS_KEY])
-    layout = TeacherStoreLayout(num_samples=4, max_response_len=9, padded_vocab_size=24, tp_size=1, cp_size=1,
-                                dp_size=1, gpus_per_node=1)
-    assert stored == teacher_store_bytes_per_node(layout, kl_scope="full_vocab", topk=5, storage_dtype=torch.float32)
+    config = SelfDistillConfig.from_args(args)
+    assert stored == teacher_store_bytes(make_args(rollout_batch_size=4, n_samples_per_prompt=1,
+                                                   rollout_max_response_len=9), config, Parallel())
 
 
 @needs_slime
-def test_full_vocab_run_over_the_host_budget_is_refused_at_install(slime_cpu):
+def test_host_memory_is_checked_when_slime_creates_the_weights_backuper(slime_cpu, monkeypatch):
+    from slime.utils import tensor_backper
+
+    monkeypatch.setattr(tensor_backper, "torch", TorchWithoutPinnedMemory())
     args = make_args(self_distill_host_memory_budget_gb=1.0, rollout_batch_size=64, n_samples_per_prompt=8,
                      rollout_max_response_len=8192, padded_vocab_size=151936)
-    with pytest.raises(ConfigError, match="--self-distill-kl-scope topk"):
-        megatron_hooks.install(args)
-    assert megatron_hooks.current_installation() is None
+    megatron_hooks.install(args)  # the launcher checked the store alone; the actors check everything here
+    model = TinyCausalLM()
+    with pytest.raises(ConfigError) as error:
+        tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)
+    message = str(error.value)
+    assert "full_vocab teacher store" in message and "slime's pinned 'actor' weight backup" in message
+    assert "budget 1.0 GiB (--self-distill-host-memory-budget-gb 1.0)" in message
+    assert "--self-distill-kl-scope topk" in message
 
 
 @needs_slime
@@ -294,7 +311,8 @@ def test_uninstall_restores_slime_and_install_is_repeatable(slime_cpu):
     def current():
         return (slime_cpu.actor.forward_only, slime_cpu.actor.train, slime_cpu.model.get_batch,
                 slime_cpu.model.train_one_step, train_metric_utils.log_rollout_data,
-                train_data_utils.save_debug_train_data, TensorBackuper.__dict__["create"])
+                train_data_utils.save_debug_train_data, TensorBackuper.__dict__["create"],
+                slime_cpu.actor.save, slime_cpu.actor.initialize_model_and_optimizer)
 
     original = current()
     args = make_args(self_distill_teacher="ema", self_distill_kl_scope="sampled_token")
@@ -310,13 +328,17 @@ def test_uninstall_restores_slime_and_install_is_repeatable(slime_cpu):
 
 
 @needs_slime
-def test_a_checkpoint_teacher_leaves_the_backuper_and_training_alone(slime_cpu):
-    from slime.utils.tensor_backper import TensorBackuper
+def test_a_checkpoint_teacher_is_slimes_and_training_is_left_alone(slime_cpu, monkeypatch):
+    from slime.utils import tensor_backper
 
-    original_create = TensorBackuper.__dict__["create"]
-    megatron_hooks.install(make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0))
-    assert TensorBackuper.__dict__["create"] is original_create
+    monkeypatch.setattr(tensor_backper, "torch", TorchWithoutPinnedMemory())
+    megatron_hooks.install(make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0, self_distill_teacher="frozen"))
+    model = TinyCausalLM()
+    backuper = tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)
+    assert isinstance(backuper, TeacherAwareBackuper) and backuper.backup_tags == []  # slime loads the teacher later
+    assert megatron_hooks.current_installation().ema is None
     assert not hasattr(slime_cpu.model.train_one_step, "__wrapped__")
+    assert not hasattr(slime_cpu.actor.save, "__wrapped__")
 
 
 @needs_slime
@@ -328,8 +350,8 @@ def test_ema_teacher_is_set_up_with_the_backuper_and_updated_by_the_hooks(slime_
     model = TinyCausalLM()
     backuper = tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)  # as slime's init does
     installation = megatron_hooks.current_installation()
-    weights = installation.teacher_weights
-    assert weights is not None and weights.kind == "ema" and "teacher" in backuper.backup_tags
+    assert installation.ema is not None and "teacher" in backuper.backup_tags
+    assert installation.writes_ema_shard and installation.ema_shard == "pp000_tp000_ep000_etp000"
     initial = {name: param.detach().clone() for name, param in model.named_parameters()}
     with torch.no_grad():
         for param in model.parameters():

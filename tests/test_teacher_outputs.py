@@ -9,13 +9,9 @@ import torch.multiprocessing as mp
 from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.teacher_outputs import (
     TeacherOutputSpec,
-    TeacherStoreLayout,
-    check_full_vocab_store_fits,
     compute_teacher_outputs,
     cp_response_rows,
-    host_memory_budget_bytes,
     relayout_cp_rows,
-    teacher_store_bytes_per_node,
 )
 from slime_self_distill.teacher_view import (
     TEACHER_FULL_LOG_PROBS_KEY,
@@ -194,46 +190,3 @@ def _relayout_worker(rank, world_size, port):
 @pytest.mark.distributed
 def test_relayout_between_cp_layouts_with_two_gloo_ranks():
     mp.spawn(_relayout_worker, args=(2, free_port()), nprocs=2)
-
-
-# ---------------------------------------------------------------------- host-memory estimate
-LAYOUT = TeacherStoreLayout(num_samples=512, max_response_len=4096, padded_vocab_size=151936, tp_size=2, cp_size=1,
-                            dp_size=4, gpus_per_node=8)
-
-
-def test_store_estimate_of_a_known_configuration():
-    # 512 samples / DP 4 = 128 per rank, x 4096 rows, x 151936/2 columns x 2 bytes (fp16), x 8 ranks on the node
-    assert teacher_store_bytes_per_node(LAYOUT, kl_scope="full_vocab", topk=64, storage_dtype=torch.float16) == (
-        128 * 4096 * 75968 * 2 * 8
-    )
-    # K fp32 values + K int64 indices per row
-    assert teacher_store_bytes_per_node(LAYOUT, kl_scope="topk", topk=64, storage_dtype=torch.float16) == (
-        128 * 4096 * 64 * 12 * 8
-    )
-    assert teacher_store_bytes_per_node(LAYOUT, kl_scope="sampled_token", topk=64, storage_dtype=torch.float16) == 0
-
-
-def test_only_the_last_pipeline_stage_ranks_on_a_node_count():
-    small = TeacherStoreLayout(num_samples=8, max_response_len=10, padded_vocab_size=100, tp_size=1, cp_size=2,
-                               dp_size=1, gpus_per_node=8)
-    assert small.ranks_per_node == 2
-    assert teacher_store_bytes_per_node(small, kl_scope="full_vocab", topk=1, storage_dtype=torch.float32) == (
-        8 * 5 * 100 * 4 * 2
-    )
-
-
-def test_full_vocab_over_budget_is_refused_with_the_topk_alternative():
-    config = SelfDistillConfig(kl_scope="full_vocab", topk=32, full_vocab_storage_dtype="bfloat16")
-    with pytest.raises(ConfigError) as excinfo:
-        check_full_vocab_store_fits(LAYOUT, config, budget_bytes=100 * 2**30)
-    message = str(excinfo.value)
-    assert "--self-distill-kl-scope topk --self-distill-topk 32" in message
-    needed = teacher_store_bytes_per_node(LAYOUT, kl_scope="full_vocab", topk=32, storage_dtype=torch.bfloat16)
-    assert f"about {needed / 2**30:.1f} GiB" in message and "budget of 100.0 GiB" in message and "bfloat16" in message
-    check_full_vocab_store_fits(LAYOUT, config, budget_bytes=600 * 2**30)
-    check_full_vocab_store_fits(LAYOUT, SelfDistillConfig(kl_scope="topk"), budget_bytes=0)
-
-
-def test_budget_comes_from_the_knob_or_the_available_memory():
-    assert host_memory_budget_bytes(SelfDistillConfig(host_memory_budget_gb=1.5)) == 3 * 2**29
-    assert 0 < host_memory_budget_bytes(SelfDistillConfig())

@@ -16,10 +16,11 @@ from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.train import (
     PLUGIN_DEFAULTS,
     LaunchError,
+    check_recipe_slime_keys,
     check_self_distill_flags,
     fill_plugin_defaults,
     find_slime_root,
-    precheck_self_distill_settings,
+    plan_launch,
     split_launcher_options,
     validate_parsed_args,
 )
@@ -34,6 +35,14 @@ def flag_value(argv, flag):
     return argv[argv.index(flag) + 1]
 
 
+def precheck_self_distill_settings(argv):
+    """The settings the launcher checks before slime runs (a frozen teacher reads --ref-load)."""
+    return plan_launch([*argv, "--ref-load", "/ckpt/initial"]).config
+
+
+LIVE = SelfDistillConfig(teacher="live")
+
+
 # ---------------------------------------------------------------------- argv rewriting
 def test_launcher_options_are_split_off_and_the_rest_keeps_its_order():
     argv = ["--lr", "1e-6", "--slime-entry", "train_async", "--eps-clip-c", "-0.5", "--slime-root=/x",
@@ -46,33 +55,54 @@ def test_launcher_options_are_split_off_and_the_rest_keeps_its_order():
 
 
 def test_plugin_defaults_are_filled_when_absent():
-    argv, filled = fill_plugin_defaults(["--lr", "1e-6"])
+    argv, filled = fill_plugin_defaults(["--lr", "1e-6"], LIVE)
     assert argv[:2] == ["--lr", "1e-6"]
     for flag, value in PLUGIN_DEFAULTS:
         assert flag_value(argv, flag) == value
         assert argv.count(flag) == 1
-    assert filled == [flag for flag, _ in PLUGIN_DEFAULTS]
-    assert "--opd-kl-coef" not in argv  # only with --use-opd
+    assert filled == [f"{flag} {value}" for flag, value in PLUGIN_DEFAULTS] + ["--use-rollout-logprobs"]
+    assert "--opd-kl-coef" not in argv and "--use-opd" not in argv  # only with --use-opd / a frozen teacher
+
+
+def test_the_unused_student_pass_is_skipped_unless_a_flag_needs_it():
+    assert "--use-rollout-logprobs" in fill_plugin_defaults([], LIVE)[0]
+    for keeps_it in ("--use-tis", "--get-mismatch-metrics"):  # slime refuses the first pair; the second wants it
+        assert "--use-rollout-logprobs" not in fill_plugin_defaults([keeps_it], LIVE)[0]
+    argv, filled = fill_plugin_defaults(["--use-rollout-logprobs"], LIVE)
+    assert argv.count("--use-rollout-logprobs") == 1 and "--use-rollout-logprobs" not in filled
+
+
+def test_a_frozen_teacher_is_the_ref_load_checkpoint_through_slimes_opd_loader():
+    argv, filled = fill_plugin_defaults(["--ref-load", "/ckpt/initial", "--load", "/ckpt/run"], SelfDistillConfig())
+    assert flag_value(argv, "--opd-teacher-load") == "/ckpt/initial"  # never --load: it moves when the run resumes
+    assert flag_value(argv, "--opd-type") == "megatron" and flag_value(argv, "--opd-kl-coef") == "0"
+    assert "--use-opd --opd-type megatron --opd-teacher-load /ckpt/initial" in filled
+    with pytest.raises(ConfigError, match="frozen is the run's initial checkpoint, read from --ref-load"):
+        fill_plugin_defaults(["--load", "/ckpt/run"], SelfDistillConfig())
+    # the user's own teacher checkpoint is kept
+    argv, _ = fill_plugin_defaults(["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", "/t"],
+                                   SelfDistillConfig())
+    assert argv.count("--opd-teacher-load") == 1 and flag_value(argv, "--opd-teacher-load") == "/t"
 
 
 def test_user_choices_are_never_overridden():
     user = ["--loss-type", "policy_loss", "--custom-loss-function-path=my.loss.fn",
             "--data-source-path", "my.DataSource"]
-    argv, filled = fill_plugin_defaults(user)
+    argv, filled = fill_plugin_defaults(user, LIVE)
     assert argv[: len(user)] == user
     assert "--loss-type" not in argv[len(user):] and "my.loss.fn" not in argv[len(user):]
     assert argv.count("--data-source-path") == 1
     assert "--custom-loss-function-path" not in argv  # given in --flag=value form, so not added again
-    assert set(filled) == {"--custom-convert-samples-to-train-data-path", "--custom-megatron-init-path",
-                           "--input-key"}
+    assert {f.split()[0] for f in filled} == {"--custom-convert-samples-to-train-data-path",
+                                              "--custom-megatron-init-path", "--input-key", "--use-rollout-logprobs"}
 
 
 def test_opd_kl_coef_is_zeroed_with_use_opd_unless_given():
-    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-type", "megatron"])
-    assert flag_value(argv, "--opd-kl-coef") == "0" and "--opd-kl-coef" in filled
-    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-kl-coef", "0.5"])
+    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-type", "megatron"], SelfDistillConfig())
+    assert flag_value(argv, "--opd-kl-coef") == "0" and "--opd-kl-coef 0" in filled
+    argv, filled = fill_plugin_defaults(["--use-opd", "--opd-kl-coef", "0.5"], SelfDistillConfig())
     assert argv.count("--opd-kl-coef") == 1 and flag_value(argv, "--opd-kl-coef") == "0.5"
-    assert "--opd-kl-coef" not in filled
+    assert not any(f.startswith("--opd-kl-coef") for f in filled)
 
 
 # ---------------------------------------------------------------------- --self-distill-* flags and YAML
@@ -123,7 +153,7 @@ def test_yaml_settings_are_validated_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"YAML key self_distill_ema_rate\) must be float, got '1e-2'.*" + path):
         precheck_self_distill_settings(["--custom-config-path", path])
     path = write_yaml(tmp_path, "self_distill_kl_scop: topk\n", "typo.yaml")
-    with pytest.raises(ConfigError, match=r"unknown self-distillation setting\(s\) \['self_distill_kl_scop'\]"):
+    with pytest.raises(ConfigError, match="unknown key 'self_distill_kl_scop'.*did you mean 'self_distill_kl_scope'"):
         precheck_self_distill_settings([f"--custom-config-path={path}"])
     path = write_yaml(tmp_path, "- self_distill_topk: 3\n", "list.yaml")
     with pytest.raises(ConfigError, match="must be a mapping.*got a list"):
@@ -132,10 +162,47 @@ def test_yaml_settings_are_validated_naming_the_file(tmp_path):
         precheck_self_distill_settings(["--custom-config-path", str(tmp_path / "missing.yaml")])
 
 
-def test_yaml_keys_for_other_custom_functions_are_left_alone(tmp_path):
+@pytest.mark.parametrize("key, meant", [
+    ("self_distil_topk", "self_distill_topk"), ("self-distill-topk", "self_distill_topk"),
+    ("topk", "self_distill_topk"), ("kl_scope", "self_distill_kl_scope"), ("Self_Distill_Teacher", "self_distill_teacher"),
+])
+def test_a_recipe_key_meant_as_a_setting_is_refused_naming_the_setting(tmp_path, key, meant):
+    path = write_yaml(tmp_path, f"self_distill_kl_scope: topk\n{key}: 20\n")
+    with pytest.raises(ConfigError) as error:
+        plan_launch(["--custom-config-path", path])
+    assert f"unknown key {key!r}" in str(error.value) and f"did you mean {meant!r}" in str(error.value)
+
+
+def test_recipe_keys_that_are_slime_arguments_pass_and_others_are_refused_against_slimes_parser(tmp_path):
     path = write_yaml(tmp_path, "my_reward_threshold: 3\nself_distill_topk: 7\nself_distill_kl_scope: topk\n")
-    config = precheck_self_distill_settings(["--custom-config-path", path])
-    assert (config.kl_scope, config.topk) == ("topk", 7)
+    plan = plan_launch(["--custom-config-path", path, "--ref-load", "/c"])  # without slime: only plugin-like keys
+    assert (plan.config.kl_scope, plan.config.topk) == ("topk", 7)
+    check_recipe_slime_keys({"lr": 1.0, "self_distill_topk": 7, "slime_args": []}, path, {"lr", "rollout_batch_size"})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'my_reward_threshold'; 'rolout_batch_size' \(did you "
+                                          r"mean 'rollout_batch_size'\?\)"):
+        check_recipe_slime_keys({"my_reward_threshold": 3, "rolout_batch_size": 8}, path, {"lr", "rollout_batch_size"})
+
+
+def test_recipe_slime_args_go_first_so_that_the_command_line_wins(tmp_path):
+    path = write_yaml(tmp_path, "self_distill_teacher: live\nslime_args: [--lr, 5.0e-5, --rollout-batch-size, 32]\n")
+    plan = plan_launch(["--custom-config-path", path, "--lr", "1e-6"])
+    assert plan.slime_argv[:4] == ["--lr", "5e-05", "--rollout-batch-size", "32"]
+    assert flag_value(plan.slime_argv[4:], "--lr") == "1e-6"  # later on the line: argparse keeps it
+    assert plan.warnings == ["--lr 1e-6 on the command line replaces the recipe's --lr 5e-05"]
+    for bad in ("slime_args: --lr 5e-5\n", "slime_args: [5e-5, --lr]\n", "slime_args: [--lr, [1]]\n"):
+        with pytest.raises(ConfigError, match="'slime_args' must"):
+            plan_launch(["--custom-config-path", write_yaml(tmp_path, bad, "bad.yaml")])
+    with pytest.raises(ConfigError, match="unknown flag --self-distill-topc"):
+        plan_launch(["--custom-config-path", write_yaml(tmp_path, "slime_args: [--self-distill-topc, 3]\n", "t.yaml")])
+
+
+def test_a_knob_without_effect_is_a_warning(tmp_path):
+    plan = plan_launch(["--self-distill-teacher", "live", "--self-distill-kl-scope", "full_vocab",
+                        "--self-distill-topk", "20", "--self-distill-ema-rate", "0.1"])
+    assert plan.warnings == ["--self-distill-topk has no effect: --self-distill-kl-scope is full_vocab",
+                             "--self-distill-ema-rate has no effect: --self-distill-teacher is live"]
+    assert plan_launch(["--self-distill-teacher", "live", "--self-distill-kl-scope", "topk",
+                        "--self-distill-topk", "20"]).warnings == []
 
 
 def test_flag_contradicting_the_yaml_is_refused(tmp_path):
@@ -204,7 +271,7 @@ def test_main_reports_a_bad_flag_before_importing_slime(tmp_path, capsys):
 
 def test_main_reports_a_missing_slime(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launcher, "importable_slime_package_dir", lambda: None)
-    assert launcher.main(["--lr", "1"], environ={}) == 2
+    assert launcher.main(["--lr", "1", "--ref-load", "/ckpt/initial"], environ={}) == 2
     assert "slime is not importable and SLIME_ROOT is not set" in capsys.readouterr().err
 
 
@@ -234,7 +301,7 @@ def parsed_args(**overrides) -> argparse.Namespace:
         pipeline_model_parallel_size=1, context_parallel_size=1,
         rollout_batch_size=8, n_samples_per_prompt=4, rollout_max_response_len=1000,
         padded_vocab_size=1000, vocab_size=1000,
-        self_distill_kl_scope="topk",
+        self_distill_kl_scope="topk", self_distill_teacher="live",
     )
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -242,14 +309,18 @@ def parsed_args(**overrides) -> argparse.Namespace:
 
 def test_parsed_args_pass_and_return_the_config():
     config = validate_parsed_args(parsed_args(self_distill_topk=20))
-    assert config == SelfDistillConfig(kl_scope="topk", topk=20)
+    assert config == SelfDistillConfig(kl_scope="topk", topk=20, teacher="live")
 
 
 @pytest.mark.parametrize(
     "overrides, flag",
     [
         (dict(loss_type="policy_loss"), "--loss-type is 'policy_loss'"),
-        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0), "--opd-kl-coef is 1.0"),
+        (dict(use_opd=True, opd_type="megatron", opd_kl_coef=1.0, self_distill_teacher="frozen"),
+         "--opd-kl-coef is 1.0"),
+        (dict(self_distill_teacher="frozen"), "--self-distill-teacher frozen needs a checkpoint that stays the same"),
+        (dict(self_distill_teacher="ema", use_distributed_optimizer=True, overlap_param_gather=True),
+         "--self-distill-teacher ema updated every optimizer step would average stale parameters"),
         (dict(use_opd=True, opd_type="megatron", opd_kl_coef=0.0, self_distill_teacher="ema"),
          "--self-distill-teacher ema"),
         (dict(compute_advantages_and_returns=False), "--disable-compute-advantages-and-returns"),
@@ -281,7 +352,8 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
     args.self_distill_host_memory_budget_gb = needed_gib * 1.01
     assert validate_parsed_args(args).kl_scope == "full_vocab"
     args.self_distill_host_memory_budget_gb = needed_gib * 0.99
-    with pytest.raises(ConfigError, match="--self-distill-kl-scope full_vocab would keep.*Use --self-distill-kl-scope topk"):
+    with pytest.raises(ConfigError, match="(?s)keep more in host memory.*full_vocab teacher store.*"
+                                          "--self-distill-kl-scope topk --self-distill-topk 64"):
         validate_parsed_args(args)
     args.debug_rollout_only = True  # no training actors: nothing is stored
     assert validate_parsed_args(args).kl_scope == "full_vocab"
@@ -316,7 +388,7 @@ def slime_parser():
 
 @needs_slime
 def test_plugin_flags_and_defaults_parse_with_slimes_real_arguments():
-    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--use-opd", "--opd-type", "megatron"])
+    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--use-opd", "--opd-type", "megatron"], SelfDistillConfig(teacher="ema"))
     args, unknown = slime_parser().parse_known_args(argv)
     assert unknown == []  # every filled-in plugin flag is one of slime's own
     assert (args.self_distill_kl_scope, args.self_distill_topk, args.self_distill_teacher) == ("topk", 20, "ema")
@@ -335,7 +407,7 @@ def test_plugin_flags_and_defaults_parse_with_slimes_real_arguments():
 
 @needs_slime
 def test_misspelt_flag_is_silently_ignored_by_slimes_parser_but_refused_by_the_launcher():
-    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--self-distill-ema-rat", "0.5"])
+    argv, _ = fill_plugin_defaults(SLIME_ARGV + ["--self-distill-ema-rat", "0.5"], SelfDistillConfig(teacher="ema"))
     args, unknown = slime_parser().parse_known_args(argv)
     assert unknown == ["--self-distill-ema-rat", "0.5"]  # what ignore_unknown_args=True would drop
     assert args.self_distill_ema_rate is None
