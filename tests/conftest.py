@@ -20,12 +20,12 @@ def slime_megatron():
     unless a test module already did)."""
     from megatron.core import mpu
 
-    from tests.slime_cpu_harness import free_port, import_slime_megatron, init_gloo
+    from tests.slime_cpu_harness import destroy_gloo, free_port, import_slime_megatron, init_gloo
 
     slime = import_slime_megatron()
     created_group = not dist.is_initialized()
     if created_group:
-        init_gloo(0, 1, free_port())
+        init_gloo(0, 1, free_port(), slime_group=True)
     created_model_parallel = not mpu.model_parallel_is_initialized()
     if created_model_parallel:
         mpu.initialize_model_parallel(1, 1)
@@ -33,7 +33,4 @@ def slime_megatron():
     if created_model_parallel:
         mpu.destroy_model_parallel()
     if created_group:
-        from slime.utils.distributed_utils import set_gloo_group
-
-        set_gloo_group(None)
-        dist.destroy_process_group()
+        destroy_gloo()

@@ -44,8 +44,8 @@ class TrainingMicroBatch:
 
 def cpu_forward_backward_func(*, forward_step_func, data_iterator, model, num_microbatches, forward_only=True, **_):
     """Forward-only: the post-processor's outputs, as Megatron collects them. Training: per micro-batch, the loss
-    function on the logits (made a leaf, so that the gradient w.r.t. the logits is kept in ``module.trained``) and
-    its backward; returns the log dicts, as Megatron's scheduler does."""
+    function on the logits and its backward into the model (the gradient w.r.t. the logits is kept in
+    ``module.trained``); returns the log dicts, as Megatron's scheduler does."""
     iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
     module = model[0] if isinstance(model, list) else model
     module.forward_calls += num_microbatches
@@ -55,7 +55,8 @@ def cpu_forward_backward_func(*, forward_step_func, data_iterator, model, num_mi
         if forward_only:
             store.append(post_process(output)[1])
             continue
-        logits = output.detach().requires_grad_()
+        logits = output  # the gradient reaches the model's parameters (an optimizer step can use it) and the logits
+        logits.retain_grad()
         loss, normalizer, log = post_process(logits)
         loss.backward()
         batch = post_process.args[1]  # train_one_step's partial(loss_function, args, batch, ...)
@@ -212,16 +213,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_gloo(rank: int, world_size: int, port: int, timeout_seconds: float = 120) -> None:
-    """A gloo world, which also serves as slime's all-ranks CPU group (``distributed_utils.get_gloo_group``, set up
-    by slime's train actor) when slime is installed. A collective that some rank never joins fails after
-    ``timeout_seconds`` instead of hanging the test."""
+def init_gloo(rank: int, world_size: int, port: int, *, slime_group: bool = False,
+              timeout_seconds: float = 120) -> None:
+    """A gloo world; with ``slime_group`` it also serves as slime's all-ranks CPU group
+    (``distributed_utils.get_gloo_group``, which slime's train actor sets up). A collective that some rank never joins
+    fails after ``timeout_seconds`` instead of hanging the test. End with ``destroy_gloo``."""
     from datetime import timedelta
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds))
-    if SLIME_AVAILABLE:
+    if slime_group:
         from slime.utils.distributed_utils import set_gloo_group
 
         set_gloo_group(dist.group.WORLD)
+
+
+def destroy_gloo() -> None:
+    """Drop slime's reference to the world group (if it has one) and destroy the world."""
+    if SLIME_AVAILABLE:
+        from slime.utils.distributed_utils import set_gloo_group
+
+        set_gloo_group(None)
+    dist.destroy_process_group()

@@ -22,6 +22,7 @@ from tests.slime_cpu_harness import (
     brute_force_teacher,
     free_port,
     import_slime_megatron,
+    destroy_gloo,
     init_gloo,
     make_args,
     make_rollout,
@@ -228,7 +229,7 @@ def _parallel_worker(rank: int, port: int) -> None:
     slime = import_slime_megatron()
     from megatron.core import mpu
 
-    init_gloo(rank, 2, port)
+    init_gloo(rank, 2, port, slime_group=True)
     point_slime_at_cpu()
     for tp_size, cp_size in ((2, 1), (1, 2)):
         mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
@@ -237,7 +238,7 @@ def _parallel_worker(rank: int, port: int) -> None:
                 check_training_step(slime, scope, per_token, seed=41,
                                     tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
         mpu.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_gloo()
 
 
 @pytest.mark.distributed

@@ -32,6 +32,7 @@ from tests.slime_cpu_harness import (
     brute_force_teacher,
     free_port,
     import_slime_megatron,
+    destroy_gloo,
     init_gloo,
     make_args,
     make_rollout,
@@ -367,7 +368,7 @@ def _parallel_worker(rank, port):
     slime = import_slime_megatron()
     from megatron.core import mpu
 
-    init_gloo(rank, 2, port)
+    init_gloo(rank, 2, port, slime_group=True)
     point_slime_at_cpu()
     temperature = make_args().rollout_temperature
     for tp_size, cp_size in ((2, 1), (1, 2)):
@@ -408,7 +409,7 @@ def _parallel_worker(rank, port):
                     assert teacher_values.shape == student_values.shape
             megatron_hooks.uninstall()
         mpu.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_gloo()
 
 
 @needs_slime
@@ -469,7 +470,7 @@ def _data_parallel_worker(rank, port):
 
     from slime_self_distill.micro_batches import split_by_tokens
 
-    init_gloo(rank, 2, port, timeout_seconds=30)
+    init_gloo(rank, 2, port, slime_group=True, timeout_seconds=30)
     point_slime_at_cpu()
     mpu.initialize_model_parallel(1, 1)  # two data-parallel ranks
     args = make_args(use_dynamic_batch_size=True, max_tokens_per_gpu=40, balance_data=False, balance_by_flops=False,
@@ -492,7 +493,7 @@ def _data_parallel_worker(rank, port):
     assert_matches_brute_force(model, rollout, outputs, "topk", args.rollout_temperature)
     megatron_hooks.uninstall()
     mpu.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_gloo()
 
 
 @needs_slime
