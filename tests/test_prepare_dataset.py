@@ -4,6 +4,7 @@ import os
 import pathlib
 import re
 import stat
+import string
 import subprocess
 import sys
 
@@ -930,6 +931,108 @@ def test_no_progress_bars_without_a_terminal(tmp_path, capsys):
     assert code == 0 and err == ""
 
 
+# ----------------------------------------------------------------------------------- official SDFT datasets
+# How the official SDFT code (github.com/idanshen/Self-Distillation, now Continual-Intelligence/Self-Distillation;
+# read at its last upstream commit d775732 through the fork mkandrus/Self-Distillation) turns its two datasets into
+# prompts, written here from its main.py, not from this project's code. Both prompts are then rendered with TRL's
+# maybe_apply_chat_template, i.e. apply_chat_template(..., add_generation_prompt=True), and tokenized without
+# special tokens (distil_trainer.py:1347-1380): what slime does with --apply-chat-template.
+OFFICIAL_TEACHER_TEMPLATE = string.Template(  # main.py:30-37 (tool use) and main.py:56-63 (science), verbatim
+    "\n$orig_content\n\nThis is an example for a response to the question:\n$output_text\n\n"
+    "Now answer with a response of your own, including the thinking process.\n"
+)
+
+
+def official_tooluse_prompts(example):
+    """main.py:39-42: the student reads one user turn holding ``prompt``; the teacher one user turn holding the
+    template filled with ``prompt`` and the ``golden_response`` list joined with "\\n" (main.py:41)."""
+    teacher = OFFICIAL_TEACHER_TEMPLATE.substitute(orig_content=example["prompt"],
+                                                   output_text="\n".join(example["golden_response"]))
+    return [{"role": "user", "content": example["prompt"]}], [{"role": "user", "content": teacher}]
+
+
+def official_science_prompts(example):
+    """main.py:65-74: the student reads ``messages`` (system + user) unchanged (main.py:66); the teacher reads
+    messages[0] (the system turn, main.py:68) and a user turn holding the template filled with messages[1]'s content
+    and ``output_text`` (main.py:69-72)."""
+    teacher = OFFICIAL_TEACHER_TEMPLATE.substitute(orig_content=example["messages"][1]["content"],
+                                                   output_text=example["output_text"])
+    return example["messages"], [example["messages"][0], {"role": "user", "content": teacher}]
+
+
+# Rows that would trip a format-string or Template-based rebuild: $ signs, braces, a field name, an empty item.
+TRICKY_TOOLUSE_ROW = {
+    "prompt": "Use {prompt} and $orig_content literally. Costs $5 {x}.\nBegin!\nQuestion: convert $10",
+    "name": "FX", "description": "d", "nl_documentation": "n", "instruction": "convert $10",
+    "golden_answer": [{"Action": "convert", "Action_Input": "{\"amount\": 10}"}],
+    "golden_response": ["Thought: {demonstration} $output_text", "", "Action: convert\nAction Input: {\"amount\": 10}"],
+}
+TRICKY_SCIENCE_ROW = {
+    "messages": [{"role": "system", "content": "Answer in <answer></answer>. {prompt} $x"},
+                 {"role": "user", "content": "Which costs $3? {A} or {B}\n\nA: x\nB: y"}],
+    "output_text": "<reasoning>\n{demonstration} $output_text\n</reasoning>\n<answer>\nA\n</answer>",
+}
+
+
+def official_rows(example_name, tricky_row):
+    return read_jsonl(REPO / "examples" / example_name) + [tricky_row]
+
+
+def as_messages(prompt):
+    """The messages slime hands the chat template: a string prompt is one user turn (slime's _build_messages)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def check_against_official(source_rows, output, official_prompts):
+    tok = make_tokenizer()
+    prepared = read_jsonl(output)
+    assert len(prepared) == len(source_rows)
+    for row, example in zip(prepared, source_rows, strict=True):
+        student, teacher = official_prompts(example)
+        prompt, teacher_prompt = row["prompt"], row["metadata"]["teacher_prompt"]
+        assert as_messages(prompt) == student
+        assert as_messages(teacher_prompt) == teacher  # character for character, every turn
+        for ours, theirs in ((prompt, student), (teacher_prompt, teacher)):
+            assert render_prompt(ours, tok, apply_chat_template=True) == tok.apply_chat_template(
+                theirs, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("as_saved_dataset", [False, True])
+def test_official_tooluse_dataset_in_one_command(tmp_path, capsys, as_saved_dataset):
+    rows = official_rows("sdft_tooluse_demo.jsonl", TRICKY_TOOLUSE_ROW)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    if as_saved_dataset:  # the official data ships as data/tooluse_data/train_data, written by save_to_disk
+        import datasets
+
+        source = tmp_path / "train_data"
+        datasets.Dataset.from_list(rows).save_to_disk(str(source))
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--input", source, "--output", output, "--demonstration-column", "golden_response")
+    assert code == 0, err
+    check_against_official(rows, output, official_tooluse_prompts)
+    row = read_jsonl(output)[-1]
+    assert row["metadata"]["self_distill"]["demonstration"] == "\n".join(TRICKY_TOOLUSE_ROW["golden_response"])
+    assert row["metadata"]["golden_answer"] == TRICKY_TOOLUSE_ROW["golden_answer"]  # other columns kept as data
+
+
+@pytest.mark.parametrize("prompt_flags", [[], ["--prompt-column", "messages"]])
+@pytest.mark.parametrize("as_saved_dataset", [False, True])
+def test_official_science_dataset_in_one_command(tmp_path, capsys, as_saved_dataset, prompt_flags):
+    rows = official_rows("sdft_science_demo.jsonl", TRICKY_SCIENCE_ROW)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    if as_saved_dataset:  # data/science_data/train_data, written by save_to_disk
+        import datasets
+
+        source = tmp_path / "train_data"
+        datasets.Dataset.from_list(rows).save_to_disk(str(source))
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--input", source, "--output", output, "--demonstration-column", "output_text",
+                       *prompt_flags)
+    assert code == 0, err
+    check_against_official(rows, output, official_science_prompts)
+    assert all(set(row) == {"prompt", "metadata"} for row in read_jsonl(output))  # messages used, not kept
+
+
 # ------------------------------------------------------------------------------------------- command line
 def test_module_runs_as_a_script_on_the_example(tmp_path):
     output = tmp_path / "out.jsonl"
@@ -951,6 +1054,15 @@ def test_module_runs_as_a_script_on_the_example(tmp_path):
 def test_examples_are_well_formed():
     for row in read_jsonl(REPO / "examples" / "chat_messages_demo.jsonl"):
         assert row["messages"][-1]["role"] == "assistant" and row["messages"][-2]["role"] == "user"
+    # shaped like the official SDFT data (its dataset_info.json schemas at d775732)
+    for row in read_jsonl(REPO / "examples" / "sdft_tooluse_demo.jsonl"):
+        assert set(row) == {"prompt", "name", "description", "nl_documentation", "instruction", "golden_answer",
+                            "golden_response"}
+        assert isinstance(row["prompt"], str) and all(isinstance(item, str) for item in row["golden_response"])
+        assert all(set(answer) == {"Action", "Action_Input"} for answer in row["golden_answer"])
+    for row in read_jsonl(REPO / "examples" / "sdft_science_demo.jsonl"):
+        assert set(row) == {"messages", "output_text"}
+        assert [turn["role"] for turn in row["messages"]] == ["system", "user"]
 
 
 # ------------------------------------------------------------------------------------ against slime's Dataset
@@ -1006,3 +1118,31 @@ def test_a_byte_order_mark_that_slime_would_drop_a_row_for_is_prepared_away(tmp_
     assert run(capsys, "--input", source, "--output", tmp_path / "out.jsonl")[0] == 0
     assert list(read_file(str(tmp_path / "out.jsonl"))) == EXPECTED
 
+
+@needs_slime
+@pytest.mark.parametrize("example, demonstration_column, official_prompts", [
+    ("sdft_tooluse_demo.jsonl", "golden_response", official_tooluse_prompts),
+    ("sdft_science_demo.jsonl", "output_text", official_science_prompts)])
+def test_slime_renders_the_official_student_and_teacher_prompts(tmp_path, capsys, example, demonstration_column,
+                                                                official_prompts):
+    from slime.utils.data import Dataset
+
+    from slime_self_distill.config import SelfDistillConfig
+    from slime_self_distill.data_source import PLUGIN_METADATA_KEY, TEACHER_PROMPT_TEXT_KEY, annotate_teacher_prompt
+
+    output = tmp_path / "out.jsonl"
+    assert run(capsys, "--input", REPO / "examples" / example, "--output", output,
+               "--demonstration-column", demonstration_column)[0] == 0
+    tok = make_tokenizer()
+    dataset = Dataset(str(output), tok, None, None, prompt_key="prompt", metadata_key="metadata",
+                      apply_chat_template=True)
+    source = read_jsonl(REPO / "examples" / example)
+    for sample, original in zip(dataset.origin_samples, source, strict=True):
+        student, teacher = official_prompts(original)
+        assert sample.prompt == tok.apply_chat_template(student, tokenize=False, add_generation_prompt=True)
+        annotate_teacher_prompt(
+            sample.metadata, config=SelfDistillConfig(), apply_chat_template=True,
+            render=lambda prompt, tools: render_prompt(prompt, tok, apply_chat_template=True, tools=tools),
+            sample_description="test")
+        assert sample.metadata[PLUGIN_METADATA_KEY][TEACHER_PROMPT_TEXT_KEY] == tok.apply_chat_template(
+            teacher, tokenize=False, add_generation_prompt=True)
