@@ -7,33 +7,55 @@ Every output row is ``{"prompt": <str or chat messages>, "<metadata-key>": {"<te
 the teacher prompt was built from a demonstration (it is what ``--self-distill-teacher-overflow
 truncate_demonstration`` shortens). Train with ``--input-key prompt --metadata-key <metadata-key>``.
 
+Input: .jsonl, .json (a list or JSON lines), .parquet, .csv, .tsv, .arrow, a directory written by ``datasets``'
+``save_to_disk`` (a Dataset, or a DatasetDict with ``--split``), or a directory that ``datasets.load_dataset``
+reads. A UTF-8 byte order mark at the start of a JSON/JSONL file is accepted (and never written).
+
 Each input row is one of (checked in this order, a null value counts as absent):
   1. a teacher prompt column: used as is (it wins over a demonstration column, which is then kept as an ordinary
      column: the teacher prompt was not built from it);
-  2. a prompt column + a demonstration column: the teacher prompt is the template filled with both;
+  2. a demonstration column + a prompt: the teacher prompt is the template filled with both. The prompt is the
+     prompt column, or, when the row has none, the messages column as chat messages that do not end with an
+     assistant turn (the official SDFT science data: system + user turns, demonstration in ``output_text``).
+     A demonstration given as a list of strings is joined with newlines, as the official SDFT code joins
+     ``golden_response``;
   3. a chat messages column whose final turn is the assistant's demonstration: prompt = all turns but the last;
   4. an already prepared row (its metadata holds the teacher prompt): passed through, so a prepared file can be
      checked again or measured with --tokenizer.
 Chat prompts stay chat messages (slime applies the chat template itself with --apply-chat-template); for chat
 messages the template fills only the last user turn.
 
+Columns slime reads at the top level of a row stay there whatever --keep-columns says: the label column
+(--label-key), the tools column (--tool-key) and --top-level-columns.
+
 Bad rows (missing/empty/ill-typed fields, malformed messages, lines that are not JSON, metadata conflicts) make the
 run fail without writing anything, listing them; with --skip-invalid the good rows are written and the bad ones go
-to ``<output>.rejected.jsonl``. Files are written atomically (temporary file in the same directory, then rename).
-Exit status: 0 success, 1 bad data (bad rows, no usable row, rows over budget with --fail-on-over-budget),
-2 unusable invocation or input (bad flag, unreadable file, tokenizer that does not load).
+to ``<output>.rejected.jsonl``. A column named by a flag that no row has, or a prompt/teacher-prompt source that no
+row has, is one usage error naming the flag and the file's columns. Files are written atomically (temporary file in
+the same directory, then rename) with the permissions a new file gets under the umask (an existing output keeps
+its own); a failed run leaves an existing output as it was. After a successful run one teacher prompt is printed
+as a preview (not with --quiet).
+
+Exit status: 0 success; 1 bad data (bad rows, no usable row, rows over budget with --fail-on-over-budget);
+2 unusable invocation or input (bad flag, a named column no row has, input that does not exist, cannot be read, is
+not UTF-8 or is corrupt, output that is a directory, is the input, or cannot be written, tokenizer that does not
+load).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import difflib
+import functools
 import json
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig
 from slime_self_distill.templates import TEMPLATES, TemplateError, build_teacher_prompt, load_template, render_prompt
@@ -45,6 +67,27 @@ OUTPUT_PROMPT_KEY = "prompt"
 REJECTED_SUFFIX = ".rejected.jsonl"
 DATASETS_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".arrow": ("arrow", {})}
 OUTPUT_FORMATS = (".jsonl", ".parquet")  # the two formats slime's Dataset reads
+UTF8_BOM = b"\xef\xbb\xbf"
+# The official SDFT code joins a list-valued demonstration (golden_response) with one newline.
+DEMONSTRATION_LIST_SEPARATOR = "\n"
+PREVIEW_HEAD_CHARS, PREVIEW_TAIL_CHARS = 1500, 500
+
+# Flags that name input columns, with their defaults. Their argparse default is None so that a column the user
+# named explicitly can be told apart from a default one: a named column that no row has is a usage error.
+COLUMN_FLAG_DEFAULTS = {
+    "prompt_column": "prompt",
+    "demonstration_column": "demonstration",
+    "teacher_prompt_column": "teacher_prompt",
+    "messages_column": "messages",
+    "label_key": "label",
+    "tool_key": "tools",
+}
+# Usual names of a prompt / demonstration column, proposed when the flag's column is not in the file.
+USUAL_COLUMN_NAMES = {
+    "--prompt-column": ("question", "problem", "query", "instruction", "input"),
+    "--demonstration-column": ("answer", "solution", "response", "output", "output_text", "golden_response",
+                               "completion"),
+}
 
 
 class UsageError(Exception):
@@ -97,21 +140,56 @@ class Columns:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _jsonl_rows(lines: Iterable[str], first_line: int = 1) -> Iterator[tuple[int, Any]]:
-    for line_number, line in enumerate(lines, start=first_line):
+def _utf8(raw: bytes, path: str, first_line: int, offset: int) -> str:
+    """``raw`` (a line or a whole file, starting at byte ``offset`` of the file, on line ``first_line``) decoded;
+    a UsageError naming the line and the byte offset if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise UsageError(
+            f"--input {path!r} is not UTF-8: line {line}, byte offset {offset + e.start} holds {raw[e.start:e.end]!r}; "
+            f"convert the file to UTF-8 (e.g. iconv -f <its encoding> -t utf-8)"
+        ) from None
+
+
+def _bom_length(raw: bytes) -> int:
+    # slime's reader would choke on a byte order mark (its json.loads fails on the first line, which it skips with
+    # only a printed message); the output is written without one, so accept it here.
+    return len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
+
+
+def _parse_json_lines(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
+    for line_number, line in lines:
         if not line.strip():
             continue  # slime's reader skips blank lines too
         try:
             yield line_number, json.loads(line)
         except json.JSONDecodeError as e:
-            yield line_number, Unparseable(line.rstrip("\n"), str(e))
+            yield line_number, Unparseable(line.rstrip("\r\n"), str(e))
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+    def lines() -> Iterator[tuple[int, str]]:
+        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named with its byte offset
+            offset = 0
+            for line_number, raw in enumerate(f, start=1):
+                skip = _bom_length(raw) if line_number == 1 else 0
+                yield line_number, _utf8(raw[skip:], path, line_number, offset + skip)
+                offset += len(raw)
+
+    yield from _parse_json_lines(lines())
 
 
 def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    skip = _bom_length(raw)
+    text = _utf8(raw[skip:], path, 1, skip)
     if not text.lstrip().startswith("["):
-        yield from _jsonl_rows(text.splitlines())
+        # JSON lines in a .json file; split on "\n" only, as a JSONL file is read (str.splitlines would also split
+        # inside strings holding U+2028 and similar characters, which JSON allows raw)
+        yield from _parse_json_lines(enumerate(text.split("\n"), start=1))
         return
     try:
         rows = json.loads(text)
@@ -120,65 +198,148 @@ def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(rows, start=1)
 
 
-def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(path: str) -> tuple[int, Iterator[tuple[int, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    def corrupt(error: Exception) -> UsageError:
+        return UsageError(f"--input {path!r} is not a readable Parquet file ({error}); check that it was fully "
+                          f"written (a truncated copy fails like this)")
+
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise corrupt(e) from None
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        number = 0
+        try:
+            for batch in parquet_file.iter_batches():
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+        except pa.ArrowException as e:
+            raise corrupt(e) from None
+
+    return parquet_file.metadata.num_rows, rows()
 
 
-def _datasets_rows(path: str, split: Optional[str]) -> Iterator[tuple[int, Any]]:
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line of the message`` of the innermost cause (datasets wraps the real error)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
+    (the files ``datasets.load_from_disk`` itself looks for)."""
+    import datasets.config as datasets_config
+
+    return (
+        os.path.isfile(os.path.join(path, datasets_config.DATASET_STATE_JSON_FILENAME))
+        and os.path.isfile(os.path.join(path, datasets_config.DATASET_INFO_FILENAME))
+    ) or os.path.isfile(os.path.join(path, datasets_config.DATASETDICT_JSON_FILENAME))
+
+
+@contextlib.contextmanager
+def _datasets_quiet(show_progress: bool) -> Iterator[None]:
+    """The datasets library's log lines off while it loads (a failure is reported here, in one line) and its
+    progress bars off when ours are (--quiet, no terminal); its own settings are restored afterwards."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    verbosity = datasets_logging.get_verbosity()
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    if not show_progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
+
+
+def _datasets_rows(path: str, split: Optional[str], show_progress: bool) -> tuple[int, Iterator[tuple[int, Any]]]:
     try:
         import datasets
     except ImportError:
         raise UsageError(f"--input {path!r} needs the 'datasets' package (pip install datasets)") from None
-    if os.path.isdir(path):
-        loaded = datasets.load_dataset(path)
+    if os.path.isdir(path) and _is_saved_dataset(path):
+        how, load = "datasets.load_from_disk", functools.partial(datasets.load_from_disk, path)
+    elif os.path.isdir(path):
+        how, load = "datasets.load_dataset", functools.partial(datasets.load_dataset, path)
     else:
         extension = os.path.splitext(path)[1].lower()
         if extension not in DATASETS_BUILDERS:
             raise UsageError(
                 f"--input {path!r}: unsupported format; use .jsonl, .json, .parquet, "
-                f"{', '.join(DATASETS_BUILDERS)} or a dataset directory that datasets.load_dataset reads"
+                f"{', '.join(DATASETS_BUILDERS)}, a directory written by save_to_disk, or a dataset directory that "
+                f"datasets.load_dataset reads"
             )
         builder, options = DATASETS_BUILDERS[extension]
-        loaded = datasets.load_dataset(builder, data_files=path, **options)
-    if split is None:
-        if len(loaded) != 1:
-            raise UsageError(f"--input {path!r} has the splits {sorted(loaded)}; choose one with --split")
-        split = next(iter(loaded))
-    if split not in loaded:
-        raise UsageError(f"--split {split!r} is not in --input {path!r} (splits: {sorted(loaded)})")
-    yield from enumerate(loaded[split], start=1)
+        how = f"datasets.load_dataset({builder!r})"
+        load = functools.partial(datasets.load_dataset, builder, data_files=path, **options)
+    try:
+        with _datasets_quiet(show_progress):
+            loaded = load()
+    except Exception as e:  # noqa: BLE001 - any load failure is one line naming the file and the cause
+        raise UsageError(f"--input {path!r} does not load with {how}: {_root_cause(e)}") from None
+
+    if isinstance(loaded, datasets.Dataset):
+        if split is not None:
+            raise UsageError(f"--split {split!r}: --input {path!r} is a single saved Dataset, which has no splits; "
+                             f"drop --split")
+        table = loaded
+    else:
+        if split is None:
+            if len(loaded) != 1:
+                raise UsageError(f"--input {path!r} has the splits {sorted(loaded)}; choose one with --split")
+            split = next(iter(loaded))
+        if split not in loaded:
+            raise UsageError(f"--split {split!r} is not in --input {path!r} (splits: {sorted(loaded)})")
+        table = loaded[split]
+    return len(table), enumerate(table, start=1)
 
 
-def read_rows(path: str, split: Optional[str] = None) -> Iterator[tuple[int, Any]]:
-    """(row number, row) pairs; the row number is the line number for JSON lines, else the 1-based position.
-    A JSON line that does not parse is yielded as an ``Unparseable`` row, not raised."""
+def read_input(path: str, split: Optional[str] = None,
+               show_progress: bool = False) -> tuple[Optional[int], Iterator[tuple[int, Any]]]:
+    """(row count when it is cheap to know, iterator of (row number, row)); the row number is the line number for
+    JSON lines, else the 1-based position. A JSON line that does not parse is yielded as an ``Unparseable`` row,
+    not raised; a file that cannot be read, is not UTF-8 or is corrupt raises UsageError (also while iterating)."""
     if not os.path.exists(path):
         raise UsageError(f"--input {path!r} does not exist")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            yield from _jsonl_rows(f)
-    elif extension == ".json":
-        yield from _json_rows(path)
-    elif extension == ".parquet":
-        yield from _parquet_rows(path)
-    else:
-        yield from _datasets_rows(path, split)
+    if split is not None and os.path.isfile(path) and extension in (".jsonl", ".json", ".parquet"):
+        raise UsageError(f"--split {split!r}: --input {path!r} is a {extension} file, which has no splits; "
+                         f"drop --split")
 
+    def unreadable(error: OSError) -> UsageError:
+        hint = "; check its permissions" if isinstance(error, PermissionError) else ""
+        return UsageError(f"--input {path!r} cannot be read ({error.strerror or error}){hint}")
 
-def count_rows(path: str) -> Optional[int]:
-    """Row count for the progress bar when it is cheap to know."""
-    if path.lower().endswith(".parquet") and os.path.isfile(path):
-        import pyarrow.parquet as pq
+    try:
+        if os.path.isfile(path) and extension == ".jsonl":
+            total, rows = None, _jsonl_rows(path)
+        elif os.path.isfile(path) and extension == ".json":
+            total, rows = None, _json_rows(path)
+        elif os.path.isfile(path) and extension == ".parquet":
+            total, rows = _parquet_rows(path)
+        else:
+            total, rows = _datasets_rows(path, split, show_progress)
+    except OSError as e:
+        raise unreadable(e) from None
 
-        return pq.ParquetFile(path).metadata.num_rows
-    return None
+    def guarded() -> Iterator[tuple[int, Any]]:
+        try:
+            yield from rows
+        except OSError as e:
+            raise unreadable(e) from None
+
+    return total, guarded()
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -190,6 +351,26 @@ def _check_text(value: Any, role: str, column: str) -> str:
     if not value.strip():
         raise RowError(f"empty_{role}", f"column {column!r} is empty")
     return value
+
+
+def _demonstration_text(value: Any, column: str) -> str:
+    """A string demonstration, or a list of strings joined with newlines (the official SDFT code's rule for its
+    list-valued ``golden_response``)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise RowError(
+                    "bad_type_demonstration",
+                    f"column {column!r} item {i} is a {type(item).__name__} ({item!r}); a demonstration list must hold "
+                    f"only strings (they are joined with newlines)",
+                )
+        value = DEMONSTRATION_LIST_SEPARATOR.join(value)
+    elif value is not None and not isinstance(value, str):
+        raise RowError(
+            "bad_type_demonstration",
+            f"column {column!r} is a {type(value).__name__}, expected a string or a list of strings",
+        )
+    return _check_text(value, "demonstration", column)
 
 
 def _check_turns(messages: list, role: str, column: str) -> None:
@@ -239,6 +420,34 @@ def _split_conversation(messages: Any, column: str) -> tuple[list, str]:
         )
     demonstration = _check_text(messages[-1]["content"], "demonstration", f"{column}[-1].content")
     return _check_chat_prompt(messages[:-1], "prompt", f"{column}[:-1]"), demonstration
+
+
+def _prompt_for_demonstration(data: dict, columns: Columns) -> tuple[Any, str]:
+    """(prompt, column it came from) of a row with a demonstration column: the prompt column, or else the messages
+    column holding chat messages that do not end with an assistant turn (system + user turns, say)."""
+    if data.get(columns.prompt) is not None:
+        return _check_prompt(data[columns.prompt], "prompt", columns.prompt), columns.prompt
+    messages = data.get(columns.messages)
+    if messages is None:
+        raise RowError(
+            "missing_prompt",
+            f"column {columns.prompt!r} is missing or null, and there is no column {columns.messages!r} of chat "
+            f"messages to take the prompt from",
+        )
+    if not isinstance(messages, list):
+        raise RowError(
+            "bad_type_messages",
+            f"column {columns.messages!r} is a {type(messages).__name__}, expected a list of chat messages",
+        )
+    prompt = _check_chat_prompt(messages, "prompt", columns.messages)
+    if prompt[-1]["role"] == "assistant":
+        raise RowError(
+            "ambiguous_demonstration",
+            f"column {columns.demonstration!r} holds a demonstration, and column {columns.messages!r} ends with an "
+            f"assistant turn, which would be a second one; drop one of them (messages used as the prompt must not end "
+            f"with an assistant turn)",
+        )
+    return prompt, columns.messages
 
 
 def _merge(metadata: dict, key: str, value: Any, what: str) -> None:
@@ -297,9 +506,9 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str) 
             )
     elif present(columns.demonstration):
         kind = "demonstration"
-        consumed |= {columns.demonstration, columns.prompt}
-        prompt = _check_prompt(data.get(columns.prompt), "prompt", columns.prompt)
-        demonstration = _check_text(data[columns.demonstration], "demonstration", columns.demonstration)
+        prompt, prompt_column = _prompt_for_demonstration(data, columns)
+        consumed |= {columns.demonstration, columns.prompt, prompt_column}
+        demonstration = _demonstration_text(data[columns.demonstration], columns.demonstration)
         teacher_prompt = build_teacher_prompt(prompt, demonstration, template)
         plugin_entry = {"demonstration": demonstration, "template": template}
     elif present(columns.messages):
@@ -324,7 +533,8 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str) 
         raise RowError(
             "no_teacher_source",
             f"the row has none of the columns {columns.teacher_prompt!r} (teacher prompt), {columns.demonstration!r} "
-            f"(with {columns.prompt!r}) or {columns.messages!r}, nor metadata[{teacher_key!r}]",
+            f"(with {columns.prompt!r} or {columns.messages!r}) or {columns.messages!r}, nor "
+            f"metadata[{teacher_key!r}]",
         )
 
     _merge(metadata, teacher_key, teacher_prompt, "the teacher prompt")
@@ -351,57 +561,180 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str) 
     return kind, output, prompt, teacher_prompt, tools
 
 
+# ------------------------------------------------------------------------------------------ absent columns
+def _suggestion(flag: str, named: str, candidates: list) -> Optional[str]:
+    """A column of the file that ``flag`` probably meant: a near spelling of ``named``, else a usual name."""
+    close = difflib.get_close_matches(named, candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    return next((name for name in USUAL_COLUMN_NAMES.get(flag, ()) if name in candidates), None)
+
+
+def _absent_column_error(path: str, absent: list, seen: set, assigned: set) -> UsageError:
+    """One line for the (flag, column) pairs in ``absent``: the file's columns and the flags to give."""
+    candidates = sorted(seen - assigned)
+    fixes = []
+    for flag, column in absent:
+        suggestion = _suggestion(flag, column, candidates)
+        if suggestion is not None:
+            candidates.remove(suggestion)  # never propose one column for two flags
+        fixes.append(f"{flag} {suggestion if suggestion is not None else '<column>'}")
+    named = " or ".join(f"{column!r} ({flag})" for flag, column in absent)
+    return UsageError(
+        f"--input {path!r}: no row has a column {named}; its columns are {sorted(seen)}: name the right column, "
+        f"e.g. {' '.join(fixes)}"
+    )
+
+
+def check_columns(path: str, columns: Columns, named: list, seen: set, good: list, bad: list) -> None:
+    """UsageError when a column is absent from every row (``seen`` is the union of the rows' keys): a column the
+    user named (``named``: (flag, column) pairs), or one the rows failed for. A column that is only null or empty
+    in some rows is left to the bad-row report."""
+    assigned = {columns.teacher_prompt, columns.prompt, columns.demonstration, columns.messages,
+                columns.metadata_key} | set(columns.top_level) | {column for _, column in named}
+    absent = [(flag, column) for flag, column in named if column not in seen]
+    if absent:
+        raise _absent_column_error(path, absent, seen, assigned)
+    codes = {b.code for b in bad}
+    prompt_absent = columns.prompt not in seen and columns.messages not in seen
+    absent_prompt = [("--prompt-column", columns.prompt)] if prompt_absent else []
+    teacher_sources = {columns.teacher_prompt, columns.demonstration, columns.messages}
+    if "no_teacher_source" in codes and not teacher_sources & seen and not any(r.kind == "prepared" for r in good):
+        raise _absent_column_error(path, [("--demonstration-column", columns.demonstration)] + absent_prompt, seen,
+                                   assigned)
+    if "missing_prompt" in codes and prompt_absent:
+        raise _absent_column_error(path, absent_prompt, seen, assigned)
+
+
 # ------------------------------------------------------------------------------------------------- writing
-def atomic_write(path: str, write) -> None:
-    """Write ``path`` through ``write(temp_path)`` into a temporary file of its directory, then rename it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
+def _current_umask() -> int:
+    mask = os.umask(0)  # the umask can only be read by setting it
+    os.umask(mask)
+    return mask
 
 
-def _write_jsonl(lines: Iterable[str]):
-    def write(temp_path: str) -> None:
-        with open(temp_path, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+class PendingOutputs:
+    """Temporary files beside the outputs, created on entry (so that an output that cannot be written fails before
+    any work) and renamed over the outputs by ``commit``; without a commit they are removed, with any directory
+    created for them, and existing outputs stay as they were.
+
+    ``outputs`` maps each path to the name used in messages (e.g. "--output"). A renamed file gets the mode of the
+    output it replaces, or that of a new file under the umask (mkstemp creates 0600)."""
+
+    def __init__(self, outputs: dict):
+        self.outputs = outputs
+        self.temp_paths: dict = {}
+        self.created_directories: list = []
+        self.committed = False
+
+    def _fail(self, path: str, action: str, error: OSError, consequence: str = "nothing was written") -> UsageError:
+        return UsageError(f"{self.outputs[path]} {path!r}: cannot {action} ({error.strerror or error}); choose a "
+                          f"writable location; {consequence}")
+
+    def _make_directories(self, path: str) -> None:
+        missing = []
+        directory = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except OSError as e:
+                raise self._fail(path, f"create the directory {directory!r}", e) from None
+            self.created_directories.append(directory)
+
+    def __enter__(self) -> "PendingOutputs":
+        try:
+            for path in self.outputs:
+                self._make_directories(path)
+                directory = os.path.dirname(os.path.abspath(path))
+                try:
+                    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                                     suffix=".tmp")
+                except OSError as e:
+                    raise self._fail(path, f"create a file in {directory!r}", e) from None
+                os.close(fd)
+                self.temp_paths[path] = temp_path
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def write(self, path: str, write: Callable[[Any], None]) -> None:
+        """``write(binary file)`` fills the temporary file of ``path``."""
+        try:
+            with open(self.temp_paths[path], "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise self._fail(path, "write", e) from None
+
+    def commit(self) -> None:
+        """Rename every temporary file over its output. They are all written before the first rename, so a failure
+        while writing leaves every output as it was; only a rename failing after another succeeded (both in
+        directories just written to) would not, and the message then says which output was replaced."""
+        new_file_mode = 0o666 & ~_current_umask()
+        replaced = []
+        for path, temp_path in self.temp_paths.items():
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else new_file_mode
+                os.chmod(temp_path, mode)
+                os.replace(temp_path, path)
+            except OSError as e:
+                consequence = f"{' and '.join(replaced)} already replaced" if replaced else "nothing was written"
+                raise self._fail(path, "replace it", e, consequence) from None
+            replaced.append(repr(path))
+        self.committed = True
+
+    def _discard(self) -> None:
+        for temp_path in self.temp_paths.values():
+            if os.path.exists(temp_path):
+                os.unlink(temp_path)
+        for directory in reversed(self.created_directories):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # not empty any more: something else was put there meanwhile; leave it
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.committed:
+            self._discard()
+
+
+def _jsonl_writer(lines: Iterable[str]) -> Callable[[Any], None]:
+    def write(f) -> None:
+        for line in lines:
+            f.write((line + "\n").encode("utf-8"))
 
     return write
 
 
-def write_rows(path: str, rows: list) -> None:
-    if path.lower().endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def rows_writer(path: str, rows: list) -> Callable[[Any], None]:
+    """The writer of ``rows`` in the format of ``path`` (.parquet, else JSON lines)."""
+    if not path.lower().endswith(".parquet"):
+        return _jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        try:
-            table = pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise UsageError(
-                f"--output {path!r}: the rows do not fit one Parquet schema ({e}); Parquet needs every row's fields "
-                f"to have one type (e.g. all prompts strings or all chat messages): write .jsonl instead"
-            ) from None
-        atomic_write(path, lambda temp_path: pq.write_table(table, temp_path))
-    else:
-        atomic_write(path, _write_jsonl(json.dumps(row, ensure_ascii=False) for row in rows))
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise UsageError(
+            f"--output {path!r}: the rows do not fit one Parquet schema ({e}); Parquet needs every row's fields "
+            f"to have one type (e.g. all prompts strings or all chat messages): write .jsonl instead"
+        ) from None
+    return lambda f: pq.write_table(table, f)
 
 
-def write_rejected(path: str, bad_rows: list) -> None:
+def rejected_writer(bad_rows: list) -> Callable[[Any], None]:
     def entry(bad: BadRow) -> dict:
         data = bad.data.text if isinstance(bad.data, Unparseable) else bad.data
         return {"row": bad.row, "code": bad.code, "reason": bad.reason, "data": data}
 
     # default=repr: a rejected row may hold values JSON cannot encode (that can be why it was rejected)
-    atomic_write(path, _write_jsonl(json.dumps(entry(bad), ensure_ascii=False, default=repr) for bad in bad_rows))
+    return _jsonl_writer(json.dumps(entry(bad), ensure_ascii=False, default=repr) for bad in bad_rows)
 
 
 # ---------------------------------------------------------------------------------------------- token stats
@@ -425,7 +758,7 @@ class TokenStats:
 
 
 def measure_tokens(rows: list, tokenizer, *, apply_chat_template: bool, apply_chat_template_kwargs: Optional[dict],
-                   max_teacher_prompt_len: Optional[int]) -> TokenStats:
+                   max_teacher_prompt_len: Optional[int], show_progress: bool = False) -> TokenStats:
     """Token lengths of the rendered student and teacher prompts, encoded as slime encodes prompts."""
     if not apply_chat_template:
         chat_rows = [r.row for r in rows if isinstance(r.prompt, list) or isinstance(r.teacher_prompt, list)]
@@ -434,8 +767,10 @@ def measure_tokens(rows: list, tokenizer, *, apply_chat_template: bool, apply_ch
                 f"{len(chat_rows)} row(s) (first: {chat_rows[:MAX_LISTED]}) have chat-message prompts, which only a "
                 f"chat template turns into text: pass --apply-chat-template (and give slime --apply-chat-template too)"
             )
+    from tqdm import tqdm
+
     stats = TokenStats()
-    for row in rows:
+    for row in tqdm(rows, desc="measuring tokens", unit="row", file=sys.stderr, disable=not show_progress):
         texts = [
             render_prompt(prompt, tokenizer, apply_chat_template=apply_chat_template,
                           apply_chat_template_kwargs=apply_chat_template_kwargs, tools=row.tools)
@@ -464,24 +799,64 @@ def format_token_stats(stats: TokenStats) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------- preview
+def shorten(text: str, head: int = PREVIEW_HEAD_CHARS, tail: int = PREVIEW_TAIL_CHARS) -> str:
+    """``text`` with its middle replaced by a marker saying how many characters were left out, when it is longer
+    than ``head + tail`` (the end stays visible: the template's closing instruction is there)."""
+    left_out = len(text) - head - tail
+    if left_out <= 0:
+        return text
+    return f"{text[:head]}\n[... {left_out} characters left out ...]\n{text[len(text) - tail:]}"
+
+
+def teacher_prompt_preview(row: PreparedRow, tokenizer, *, apply_chat_template: bool,
+                           apply_chat_template_kwargs: Optional[dict]) -> str:
+    """The labelled preview of ``row``'s teacher prompt: rendered with the chat template when there is a tokenizer
+    and --apply-chat-template, else the raw string or chat messages (as JSON)."""
+    if tokenizer is not None and apply_chat_template:
+        text = render_prompt(row.teacher_prompt, tokenizer, apply_chat_template=True,
+                             apply_chat_template_kwargs=apply_chat_template_kwargs, tools=row.tools)
+        how = "rendered with the tokenizer's chat template, as slime renders it with --apply-chat-template"
+    elif isinstance(row.teacher_prompt, str):
+        text = row.teacher_prompt
+        how = "raw string, as slime reads it without --apply-chat-template"
+    else:
+        text = json.dumps(row.teacher_prompt, ensure_ascii=False, indent=2)
+        how = "raw chat messages as JSON; --tokenizer with --apply-chat-template shows them rendered"
+    return (f"teacher prompt of row {row.row} (the first written row; {how}; {len(text)} characters):\n"
+            f"----- begin teacher prompt -----\n{shorten(text)}\n----- end teacher prompt -----")
+
+
 # -------------------------------------------------------------------------------------------------- driver
 def build_parser() -> argparse.ArgumentParser:
     defaults = SelfDistillConfig()
     p = argparse.ArgumentParser(
         prog="python -m slime_self_distill.prepare_dataset",
         description="Write slime prompt rows whose metadata carries each row's teacher prompt.",
+        epilog="Exit status: 0 success; 1 bad data (bad rows, no usable row, over budget with "
+        "--fail-on-over-budget); 2 unusable flags or input (bad flag, a named column no row has, input missing, "
+        "unreadable, not UTF-8 or corrupt, output that is a directory, is the input or cannot be written, tokenizer "
+        "that does not load). A failed run leaves an existing output as it was.",
     )
     p.add_argument("--input", required=True, help=".jsonl, .json (a list or JSON lines), .parquet, .csv, .tsv, "
-                   ".arrow, or a directory that datasets.load_dataset reads")
+                   ".arrow, a directory written by datasets' save_to_disk (Dataset or DatasetDict), or a directory "
+                   "that datasets.load_dataset reads")
     p.add_argument("--output", required=True, help="the prepared dataset: .jsonl or .parquet (what slime reads)")
-    p.add_argument("--split", default=None, help="split to read from a datasets directory with several splits")
-    p.add_argument("--prompt-column", default="prompt", help="the student prompt (string or chat messages)")
-    p.add_argument("--demonstration-column", default="demonstration",
-                   help="the demonstration that --template puts in the teacher prompt")
-    p.add_argument("--teacher-prompt-column", default="teacher_prompt",
-                   help="a ready teacher prompt; moved into the metadata (wins over a demonstration)")
-    p.add_argument("--messages-column", default="messages",
-                   help="chat messages whose final turn is the assistant demonstration")
+    p.add_argument("--split", default=None,
+                   help="the split to read from a DatasetDict or datasets directory with several splits")
+    p.add_argument("--prompt-column", default=None,
+                   help="the student prompt (string or chat messages); default 'prompt'. A row with a demonstration "
+                   "but no prompt column takes its prompt from --messages-column (chat messages without a final "
+                   "assistant turn)")
+    p.add_argument("--demonstration-column", default=None,
+                   help="the demonstration that --template puts in the teacher prompt (a string, or a list of strings "
+                   "joined with newlines); default 'demonstration'")
+    p.add_argument("--teacher-prompt-column", default=None,
+                   help="a ready teacher prompt; moved into the metadata (wins over a demonstration); default "
+                   "'teacher_prompt'")
+    p.add_argument("--messages-column", default=None,
+                   help="chat messages whose final turn is the assistant demonstration (or, with a demonstration "
+                   "column, the prompt turns); default 'messages'")
     p.add_argument("--template", default="sdft",
                    help=f"teacher template: a name ({', '.join(TEMPLATES)}), a file holding a format string, or a "
                    f"literal format string with {{prompt}} and {{demonstration}}")
@@ -492,23 +867,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metadata key of the teacher prompt (--self-distill-teacher-prompt-key)")
     p.add_argument("--keep-columns", choices=("metadata", "top_level"), default="metadata",
                    help="where the input's other columns go")
+    p.add_argument("--label-key", default=None,
+                   help="the label column, as slime's --label-key: kept at the top level, where slime reads it; "
+                   "default 'label' ('' for none)")
+    p.add_argument("--tool-key", default=None,
+                   help="the tools column, as slime's --tool-key: kept at the top level, given to the chat template; "
+                   "default 'tools' ('' for none)")
     p.add_argument("--top-level-columns", nargs="*", default=[],
-                   help="columns kept at the top level of the row whatever --keep-columns says (e.g. slime's "
-                   "--label-key or --multimodal-keys columns)")
-    p.add_argument("--tool-key", default="tools",
-                   help="the tools column, as slime's --tool-key: kept at the top level, given to the chat template")
+                   help="more columns kept at the top level of the row whatever --keep-columns says (e.g. slime's "
+                   "--multimodal-keys columns)")
     p.add_argument("--skip-invalid", action="store_true",
                    help=f"write the good rows and report the bad ones in <output>{REJECTED_SUFFIX} instead of failing")
-    p.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer directory: print token lengths")
-    p.add_argument("--apply-chat-template", action="store_true", help="render prompts as slime's --apply-chat-template")
+    p.add_argument("--tokenizer", default=None,
+                   help="a local Hugging Face tokenizer directory: print token lengths (and, with "
+                   "--apply-chat-template, preview the rendered teacher prompt)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts as slime's --apply-chat-template (for the token lengths and the preview)")
     p.add_argument("--apply-chat-template-kwargs", type=json.loads, default=None,
                    help="JSON object passed to the chat template, as slime's flag of that name")
     p.add_argument("--max-teacher-prompt-len", type=int, default=None,
                    help="count the rows whose teacher prompt is over this many tokens (needs --tokenizer)")
     p.add_argument("--fail-on-over-budget", action="store_true",
                    help="fail, writing nothing, if a row is over --max-teacher-prompt-len")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars and no teacher prompt preview (counts, token statistics and errors are "
+                   "still printed)")
     return p
+
+
+def resolve_column_flags(args: argparse.Namespace) -> list:
+    """Fill in the column flags the user did not give; return the (flag, column) pairs of those given (an empty
+    --label-key or --tool-key means no such column and names none)."""
+    named = []
+    for name, default in COLUMN_FLAG_DEFAULTS.items():
+        value = getattr(args, name)
+        if value is None:
+            setattr(args, name, default)
+        elif value:
+            named.append(("--" + name.replace("_", "-"), value))
+    return named + [("--top-level-columns", column) for column in args.top_level_columns]
 
 
 def _check_args(args: argparse.Namespace) -> str:
@@ -530,6 +927,16 @@ def _check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--template: {e}") from None
 
 
+def _check_output_paths(input_path: str, outputs: dict) -> None:
+    """UsageError for an output that is a directory or the (existing) input file under another spelling."""
+    for path, name in outputs.items():
+        if os.path.isdir(path):
+            raise UsageError(f"{name} {path!r} is a directory; give a file path ending in .jsonl or .parquet")
+        if os.path.exists(path) and os.path.samefile(path, input_path):
+            raise UsageError(f"{name} {path!r} is the input file itself ({input_path!r}); write to another path (the "
+                             f"raw rows would be replaced by the prepared ones)")
+
+
 def _check_json_encodable(output: dict) -> None:
     try:
         json.dumps(output, ensure_ascii=False)
@@ -548,65 +955,87 @@ def _counts(values: Iterable[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    named_columns = resolve_column_flags(args)
     template = _check_args(args)
+    show_progress = not args.quiet and sys.stderr.isatty()
+    total, rows = read_input(args.input, args.split, show_progress)
+    report = args.output + REJECTED_SUFFIX
+    outputs = {args.output: "--output"}
+    if args.skip_invalid:
+        outputs[report] = "the rejected-rows report"
+    _check_output_paths(args.input, outputs)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     columns = Columns(
         teacher_prompt=args.teacher_prompt_column, prompt=args.prompt_column,
         demonstration=args.demonstration_column, messages=args.messages_column, metadata_key=args.metadata_key,
         teacher_prompt_key=args.teacher_prompt_key, keep_columns=args.keep_columns,
-        top_level=frozenset(args.top_level_columns) | ({args.tool_key} if args.tool_key else set()),
-        tool_key=args.tool_key,
+        top_level=frozenset(args.top_level_columns) | {key for key in (args.label_key, args.tool_key) if key},
+        tool_key=args.tool_key or None,
     )
     write_jsonl = not args.output.lower().endswith(".parquet")
 
     from tqdm import tqdm
 
-    good, bad = [], []
-    progress = tqdm(read_rows(args.input, args.split), total=count_rows(args.input), desc="preparing", unit="row",
-                    file=sys.stderr, disable=args.quiet or not sys.stderr.isatty())
-    for number, data in progress:
-        try:
-            kind, output, prompt, teacher_prompt, tools = prepare_row(data, columns, template, args.template)
-            if write_jsonl:
-                _check_json_encodable(output)
-        except RowError as e:
-            bad.append(BadRow(number, e.code, e.reason, data))
-            continue
-        good.append(PreparedRow(number, kind, output, prompt, teacher_prompt, tools))
-    rows_in = len(good) + len(bad)
+    with PendingOutputs(outputs) as pending:
+        good, bad, seen = [], [], set()
+        for number, data in tqdm(rows, total=total, desc="preparing", unit="row", file=sys.stderr,
+                                 disable=not show_progress):
+            if isinstance(data, dict):
+                seen.update(data)
+            try:
+                kind, output, prompt, teacher_prompt, tools = prepare_row(data, columns, template, args.template)
+                if write_jsonl:
+                    _check_json_encodable(output)
+            except RowError as e:
+                bad.append(BadRow(number, e.code, e.reason, data))
+                continue
+            good.append(PreparedRow(number, kind, output, prompt, teacher_prompt, tools))
+        rows_in = len(good) + len(bad)
+        if seen:  # without a single object row there are no columns to speak of: the bad rows say why
+            check_columns(args.input, columns, named_columns, seen, good, bad)
 
-    if bad and not args.skip_invalid:
-        _print_bad_rows(bad, sys.stderr)
-        print(f"bad rows by reason: {_counts(b.code for b in bad)}", file=sys.stderr)
-        print(f"nothing written to {args.output}: fix the rows or pass --skip-invalid", file=sys.stderr)
-        return EXIT_BAD_DATA
-    if not good:
-        print(f"no usable row in {args.input} ({rows_in} read); nothing written", file=sys.stderr)
-        return EXIT_BAD_DATA
+        if bad and not args.skip_invalid:
+            _print_bad_rows(bad, sys.stderr)
+            print(f"bad rows by reason: {_counts(b.code for b in bad)}", file=sys.stderr)
+            print(f"nothing written to {args.output}: fix the rows or pass --skip-invalid", file=sys.stderr)
+            return EXIT_BAD_DATA
+        if not good:
+            print(f"no usable row in {args.input} ({rows_in} read); nothing written", file=sys.stderr)
+            return EXIT_BAD_DATA
 
-    if tokenizer is not None:
-        stats = measure_tokens(good, tokenizer, apply_chat_template=args.apply_chat_template,
-                               apply_chat_template_kwargs=args.apply_chat_template_kwargs,
-                               max_teacher_prompt_len=args.max_teacher_prompt_len)
-        print(format_token_stats(stats))
-        if args.max_teacher_prompt_len is not None:
-            over = stats.over_budget
-            listed = ", ".join(f"row {n} ({length})" for n, length in over[:MAX_LISTED])
-            print(f"teacher prompts over {args.max_teacher_prompt_len} tokens: {len(over)} of {len(good)}"
-                  + (f"; first: {listed}" if over else ""))
-            if over and args.fail_on_over_budget:
-                print(f"nothing written to {args.output} (--fail-on-over-budget)", file=sys.stderr)
-                return EXIT_BAD_DATA
+        if tokenizer is not None:
+            stats = measure_tokens(good, tokenizer, apply_chat_template=args.apply_chat_template,
+                                   apply_chat_template_kwargs=args.apply_chat_template_kwargs,
+                                   max_teacher_prompt_len=args.max_teacher_prompt_len, show_progress=show_progress)
+            print(format_token_stats(stats))
+            if args.max_teacher_prompt_len is not None:
+                over = stats.over_budget
+                listed = ", ".join(f"row {n} ({length})" for n, length in over[:MAX_LISTED])
+                print(f"teacher prompts over {args.max_teacher_prompt_len} tokens: {len(over)} of {len(good)}"
+                      + (f"; first: {listed}" if over else ""))
+                if over and args.fail_on_over_budget:
+                    print(f"nothing written to {args.output} (--fail-on-over-budget)", file=sys.stderr)
+                    return EXIT_BAD_DATA
 
-    write_rows(args.output, [row.output for row in good])
+        pending.write(args.output, rows_writer(args.output, [row.output for row in good]))
+        if args.skip_invalid:
+            pending.write(report, rejected_writer(bad))
+        pending.commit()
+
     print(f"rows read: {rows_in}")
     print(f"rows written: {len(good)} ({_counts(row.kind for row in good)}) -> {args.output}")
     if args.skip_invalid:
-        report = args.output + REJECTED_SUFFIX
-        write_rejected(report, bad)
         print(f"rows rejected: {len(bad)} ({_counts(b.code for b in bad)}) -> {report}")
         if bad:
             _print_bad_rows(bad, sys.stdout)
+    without_label = [row.row for row in good if args.label_key not in row.output]
+    if args.label_key and 0 < len(without_label) < len(good):
+        print(f"note: {len(without_label)} written row(s) (first: {without_label[:MAX_LISTED]}) have no "
+              f"{args.label_key!r} column; slime given --label-key {args.label_key} reads it from every row and stops "
+              f"with a KeyError on them")
+    if not args.quiet:
+        print(teacher_prompt_preview(good[0], tokenizer, apply_chat_template=args.apply_chat_template,
+                                     apply_chat_template_kwargs=args.apply_chat_template_kwargs))
     return EXIT_OK
 
 
