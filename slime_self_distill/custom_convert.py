@@ -45,6 +45,7 @@ from slime_self_distill.data_source import (
     prompt_renderer,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
+from slime_self_distill.token_filters import mask_leading_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -429,18 +430,21 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
         config=config,
         render=prompt_renderer(args) if config.teacher_overflow == "truncate_demonstration" else None,
     )
-    return mask_samples_without_teacher(data)
+    return restrict_loss_masks(data, config.num_loss_tokens_to_skip)
 
 
-def mask_samples_without_teacher(data: dict) -> dict:
-    """Zero the loss mask of every sample without a teacher, and recompute ``rollout_mask_sums``.
+def restrict_loss_masks(data: dict, num_loss_tokens_to_skip: int) -> dict:
+    """Zero the loss mask of every sample without a teacher and of the first ``num_loss_tokens_to_skip`` tokens of
+    every sample (``--self-distill-num-loss-tokens-to-skip``); recompute ``rollout_mask_sums``.
 
-    The loss already gives those samples weight 0; zeroing their masks also takes their tokens out of slime's
-    denominators (the token count of ``--calculate-per-token-loss`` and the per-rollout mask sums).
+    The loss already gives samples without a teacher weight 0; zeroing their masks also takes their tokens out of
+    slime's denominators (the token count of ``--calculate-per-token-loss`` and the per-rollout mask sums). The
+    skipped tokens leave the numerator and every denominator, as in the official SDFT code.
     """
     views = data[PAYLOAD_KEY]
     data["loss_masks"] = [
-        mask if view.has_teacher else [0] * len(mask) for mask, view in zip(data["loss_masks"], views, strict=True)
+        mask_leading_tokens(mask, num_loss_tokens_to_skip) if view.has_teacher else [0] * len(mask)
+        for mask, view in zip(data["loss_masks"], views, strict=True)
     ]
     data["rollout_mask_sums"] = rollout_mask_sums(data["rollout_ids"], data["loss_masks"])
     return data

@@ -36,7 +36,6 @@ from slime_self_distill.teacher_view import (
 from slime_self_distill.token_filters import (
     entropy_quantile_threshold,
     keep_top_entropy,
-    skip_leading_tokens,
     truncated_importance_weights,
 )
 
@@ -47,7 +46,6 @@ class SampleRows:
 
     logits: torch.Tensor  # [R, V/TP], divided by the rollout temperature
     tokens: torch.Tensor  # [R] sampled token ids (global vocabulary ids)
-    positions: torch.Tensor  # [R] position of each row in the sample's whole response (0-based)
     valid: torch.Tensor  # [R] bool: slime's loss mask
     weight: float  # sample weight; 0 leaves the sample out (no teacher)
     teacher_token_log_probs: torch.Tensor  # [R]
@@ -112,11 +110,10 @@ def per_token_distillation(
     )
     has_teacher = sample_weight > 0
 
-    keep = skip_leading_tokens(cat([s.positions for s in samples], torch.long), config.num_loss_tokens_to_skip)
-    threshold = entropy_quantile_threshold(
-        entropy, keep & valid & has_teacher, config.top_entropy_quantile, data_parallel_group
-    )
-    keep = keep & keep_top_entropy(entropy, threshold)
+    # The first --self-distill-num-loss-tokens-to-skip tokens are out of the loss mask already (the converter).
+    threshold = entropy_quantile_threshold(entropy, valid & has_teacher, config.top_entropy_quantile,
+                                           data_parallel_group)
+    keep = keep_top_entropy(entropy, threshold)
 
     if config.importance_correction == "off":
         importance = torch.ones_like(terms.detach())
@@ -249,7 +246,6 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
         }
         teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
         response_length = response_lengths[i]
-        positions = torch.arange(response_length, device=rows.device)
         weight = 1.0 if weights is None else float(weights[i])
         if args.calculate_per_token_loss:
             weight = float(weight > 0)  # slime's token count is the denominator: only exclusion applies
@@ -257,7 +253,6 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
             SampleRows(
                 logits=rows,
                 tokens=tokens,
-                positions=slice_log_prob_with_cp(positions, total_lengths[i], response_length),
                 valid=slice_log_prob_with_cp(batch["loss_masks"][i], total_lengths[i], response_length)
                 .to(rows.device)
                 .bool(),

@@ -18,9 +18,10 @@ from slime_self_distill.divergences import group_rank_and_size
 _MAX_ABS_LOG_RATIO = 20.0
 
 
-def skip_leading_tokens(positions: torch.Tensor, num_to_skip: int) -> torch.Tensor:
-    """Keep mask of tokens whose position in their completion (0-based) is at least ``num_to_skip``."""
-    return positions >= num_to_skip
+def mask_leading_tokens(loss_mask: Sequence[int], num_to_skip: int) -> list:
+    """``loss_mask`` with its first ``num_to_skip`` completion tokens out of the loss: numerator and denominator
+    (the official SDFT code's ``num_loss_tokens_to_skip``)."""
+    return [0] * min(num_to_skip, len(loss_mask)) + list(loss_mask[num_to_skip:])
 
 
 def _gather_variable_length(values: torch.Tensor, group) -> torch.Tensor:
@@ -75,11 +76,12 @@ def truncated_importance_weights(
     sample_lengths: Sequence[int],
     group=None,
 ) -> torch.Tensor:
-    """Detached ``min(exp(log p_train - log p_rollout), cap)`` per token, or per sequence as
-    ``min(mean over the sequence's valid tokens of exp(log p_train - log p_rollout), cap)``.
+    """Detached ``min(exp(log p_train - log p_rollout), cap)`` per token, or per sequence as the mean over the
+    sequence's valid tokens of that clipped ratio (each token clipped, then averaged: the official SDFT code's
+    sequence weight; an outlier token cannot lift the whole sequence past the cap).
 
     ``group`` (sequence mode): the context-parallel group, whose ranks each hold part of every sequence.
-    Tokens outside ``valid`` get weight 0 in sequence mode's mean and keep their own (unused) token weight.
+    Tokens outside ``valid`` are left out of sequence mode's mean and keep their own (unused) token weight.
     """
     if mode not in ("token", "sequence"):
         raise ValueError(f"importance correction mode must be 'token' or 'sequence', got {mode!r}")
@@ -87,9 +89,9 @@ def truncated_importance_weights(
     log_ratio = (train_log_probs.detach().to(dtype) - rollout_log_probs.detach().to(dtype)).clamp(
         -_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO
     )
-    ratio = log_ratio.exp()
+    ratio = log_ratio.exp().clamp(max=cap)
     if mode == "token":
-        return ratio.clamp(max=cap)
+        return ratio
     lengths = torch.tensor(list(sample_lengths), dtype=torch.long, device=ratio.device)
     sample_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=ratio.device), lengths)
     valid_ratio = torch.where(valid, ratio, torch.zeros_like(ratio))
@@ -98,5 +100,5 @@ def truncated_importance_weights(
     )
     if group_rank_and_size(group)[1] > 1:
         dist.all_reduce(per_sample, group=group)
-    sequence_weight = (per_sample[:, 0] / per_sample[:, 1].clamp(min=1.0)).clamp(max=cap)
+    sequence_weight = per_sample[:, 0] / per_sample[:, 1].clamp(min=1.0)
     return sequence_weight[sample_of_token]

@@ -18,7 +18,7 @@ import pytest
 
 from slime_self_distill.config import SelfDistillConfig
 from slime_self_distill.custom_convert import (
-    mask_samples_without_teacher,
+    restrict_loss_masks,
     REASON_EMPTY_RESPONSE,
     REASON_OVER_BUDGET,
     REASON_OVER_BUDGET_AFTER_TRUNCATION,
@@ -181,14 +181,17 @@ def test_loss_weights_and_reasons_with_some_samples_excluded():
     assert all(v.tokens == () and v.loss_weight == 0.0 for v in views if not v.has_teacher)
 
 
-def test_samples_without_teacher_leave_slimes_denominators():
+def test_samples_without_teacher_and_skipped_tokens_leave_slimes_denominators():
     views = [TeacherView((5, 6, 7), 2, True, 1.5), TeacherView((), 3, False, 0.0, reason="no teacher prompt"),
-             TeacherView((1, 2, 3, 4), 1, True, 1.5)]
-    data = {PAYLOAD_KEY: views, "loss_masks": [[1, 0], [1, 1, 1], [1]], "rollout_ids": [0, 0, 1],
-            "rollout_mask_sums": [4, 4, 1]}
-    masked = mask_samples_without_teacher(data)
-    assert masked["loss_masks"] == [[1, 0], [0, 0, 0], [1]]
-    assert masked["rollout_mask_sums"] == [1, 1, 1]
+             TeacherView((1, 2, 3, 4), 1, True, 1.5), TeacherView((1, 2, 3, 4, 5, 6), 4, True, 1.5)]
+    data = {PAYLOAD_KEY: views, "loss_masks": [[1, 0], [1, 1, 1], [1], [1, 1, 0, 1]], "rollout_ids": [0, 0, 1, 2],
+            "rollout_mask_sums": [4, 4, 1, 3]}
+    masked = restrict_loss_masks(dict(data), 0)
+    assert masked["loss_masks"] == [[1, 0], [0, 0, 0], [1], [1, 1, 0, 1]]
+    assert masked["rollout_mask_sums"] == [1, 1, 1, 3]
+    skipped = restrict_loss_masks(dict(data), 2)  # the first two tokens of every sample leave the loss
+    assert skipped["loss_masks"] == [[0, 0], [0, 0, 0], [0], [0, 0, 0, 1]]
+    assert skipped["rollout_mask_sums"] == [0, 0, 0, 1]
 
 
 def test_no_sample_with_a_teacher_gives_all_zero_weights_and_a_warning(caplog):

@@ -9,6 +9,7 @@ import torch
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.custom_loss import SampleRows, per_token_distillation, reduce_per_token_loss
+from slime_self_distill.token_filters import mask_leading_tokens
 from tests import divergence_reference as ref
 from tests.slime_support import SKIP_REASON, SLIME_AVAILABLE
 
@@ -24,7 +25,6 @@ def make_sample(seed, length, *, weight=1.0, topk=4):
     return SampleRows(
         logits=logits,
         tokens=tokens,
-        positions=torch.arange(length),
         valid=torch.rand(length, generator=g) > 0.25,
         weight=weight,
         teacher_token_log_probs=teacher.gather(-1, tokens[:, None]).squeeze(-1),
@@ -53,8 +53,7 @@ def brute_force_loss(samples, config):
     """float64 loop over samples and tokens, from the definitions: filters, importance weights, sample weights."""
     entropies = [ref.entropy(s.logits) for s in samples]
     candidates = [e for s, ent in zip(samples, entropies) if s.weight > 0
-                  for e, p, v in zip(ent.tolist(), s.positions.tolist(), s.valid.tolist())
-                  if v and p >= config.num_loss_tokens_to_skip]
+                  for e, v in zip(ent.tolist(), s.valid.tolist()) if v]
     threshold = -math.inf
     if config.top_entropy_quantile < 1 and candidates:
         threshold = sorted(candidates, reverse=True)[math.ceil(config.top_entropy_quantile * len(candidates)) - 1]
@@ -67,11 +66,11 @@ def brute_force_loss(samples, config):
                                    config.alpha)
         student_token = torch.log(ref.softmax64(s.logits.detach())).gather(-1, s.tokens[:, None]).squeeze(-1)
         ratios = [math.exp(a - b) for a, b in zip(student_token.tolist(), s.rollout_log_probs.tolist())]
-        valid_ratios = [r for r, v in zip(ratios, s.valid.tolist()) if v]
-        sequence_weight = min(sum(valid_ratios) / max(len(valid_ratios), 1), config.importance_cap)
+        clipped = [min(r, config.importance_cap) for r, v in zip(ratios, s.valid.tolist()) if v]
+        sequence_weight = sum(clipped) / max(len(clipped), 1)
         numerator = 0.0
         for t in range(len(s.tokens)):
-            if not s.valid[t] or s.positions[t] < config.num_loss_tokens_to_skip or ent[t] < threshold:
+            if not s.valid[t] or ent[t] < threshold:
                 continue
             w = {"off": 1.0, "token": min(ratios[t], config.importance_cap), "sequence": sequence_weight}[
                 config.importance_correction]
@@ -81,12 +80,11 @@ def brute_force_loss(samples, config):
 
 
 CONFIGS = [
-    SelfDistillConfig(kl_scope="full_vocab", divergence="forward_kl", num_loss_tokens_to_skip=3,
-                      importance_correction="sequence", importance_cap=2.0),
+    SelfDistillConfig(kl_scope="full_vocab", divergence="forward_kl", importance_correction="sequence",
+                      importance_cap=1.2),
     SelfDistillConfig(kl_scope="full_vocab", divergence="alpha_js", alpha=0.3, top_entropy_quantile=0.5),
     SelfDistillConfig(kl_scope="topk", divergence="reverse_kl", importance_correction="token", importance_cap=1.3),
-    SelfDistillConfig(kl_scope="topk", divergence="alpha_js", alpha=0.5, top_entropy_quantile=0.3,
-                      num_loss_tokens_to_skip=1),
+    SelfDistillConfig(kl_scope="topk", divergence="alpha_js", alpha=0.5, top_entropy_quantile=0.3),
 ]
 
 
@@ -188,6 +186,9 @@ def _slime_case(per_token: bool, config: SelfDistillConfig):
 def test_through_slime_loss_function(slime_megatron, per_token, scope):
     config = SelfDistillConfig(kl_scope=scope, divergence="alpha_js", alpha=0.3, num_loss_tokens_to_skip=1)
     args, batch, logits, prompts, responses, weights = _slime_case(per_token, config)
+    # the converter takes the first skipped token out of every loss mask (numerator and denominators)
+    batch["loss_masks"] = [torch.tensor(mask_leading_tokens(m.tolist(), 1), dtype=torch.int)
+                           for m in batch["loss_masks"]]
     num_microbatches, step_global_batch_size = 2, 6
     loss, normalizer, log = slime_megatron.loss.loss_function(args, batch, num_microbatches, step_global_batch_size,
                                                               logits)
@@ -202,7 +203,8 @@ def test_through_slime_loss_function(slime_megatron, per_token, scope):
         else:
             d = ref.topk_plus_tail(student_rows, batch["teacher_topk_log_probs"][i].double(),
                                    batch["teacher_topk_indices"][i], "alpha_js", 0.3)
-        mask = batch["loss_masks"][i].double() * (torch.arange(r) >= 1)
+        mask = batch["loss_masks"][i].double()
+        assert mask[0] == 0
         numerator = (d * mask).sum()
         if per_token:
             expected = expected + (weights[i] > 0) * numerator

@@ -9,15 +9,15 @@ import torch
 from slime_self_distill.token_filters import (
     entropy_quantile_threshold,
     keep_top_entropy,
-    skip_leading_tokens,
+    mask_leading_tokens,
     truncated_importance_weights,
 )
 
 
-def test_skip_leading_tokens_drops_exactly_the_first_n_positions():
-    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 7])
-    assert skip_leading_tokens(positions, 3).tolist() == [False, False, False, True, True, False, False, True]
-    assert skip_leading_tokens(positions, 0).all()
+def test_the_first_n_completion_tokens_leave_the_loss_mask():
+    assert mask_leading_tokens([1, 1, 0, 1, 1], 3) == [0, 0, 0, 1, 1]
+    assert mask_leading_tokens([1, 0, 1], 0) == [1, 0, 1]
+    assert mask_leading_tokens([1, 1], 5) == [0, 0]
 
 
 @pytest.mark.parametrize("quantile", [0.1, 0.25, 0.5, 0.999])
@@ -57,9 +57,10 @@ def test_sequence_importance_weights_average_valid_tokens_per_sample():
     weights = truncated_importance_weights(train, rollout, mode="sequence", cap=1.2, valid=valid, sample_lengths=lengths)
     start = 0
     for n in lengths:
-        ratios = [math.exp(t - r) for t, r, v in zip(train[start:start + n].tolist(), rollout[start:start + n].tolist(),
-                                                     valid[start:start + n].tolist()) if v]
-        expected = min(sum(ratios) / max(len(ratios), 1), 1.2)
+        # each valid token's ratio clipped at the cap, then averaged (the official SDFT code's order)
+        ratios = [min(math.exp(t - r), 1.2) for t, r, v in zip(
+            train[start:start + n].tolist(), rollout[start:start + n].tolist(), valid[start:start + n].tolist()) if v]
+        expected = sum(ratios) / max(len(ratios), 1)
         assert weights[start:start + n].tolist() == pytest.approx([expected] * n)
         start += n
 
