@@ -42,7 +42,7 @@ from slime_self_distill.data_source import (
     SelfDistillDataError,
     describe_sample,
     load_hf_tokenizer,
-    prompt_renderer,
+    teacher_prompt_renderer,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
 from slime_self_distill.token_filters import mask_leading_tokens
@@ -428,7 +428,7 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
         samples,
         encode=encode,
         config=config,
-        render=prompt_renderer(args) if config.teacher_overflow == "truncate_demonstration" else None,
+        render=teacher_prompt_renderer(args, config) if config.teacher_overflow == "truncate_demonstration" else None,
     )
     return restrict_loss_masks(data, config.num_loss_tokens_to_skip)
 

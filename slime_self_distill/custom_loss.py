@@ -66,7 +66,8 @@ class PerTokenLoss:
 def _divergence_for(sample: SampleRows, config: SelfDistillConfig, tp_group) -> TokenDivergence:
     common = dict(divergence=config.divergence, alpha=config.alpha, tp_group=tp_group, chunk_size=config.chunk_size)
     if config.kl_scope == "full_vocab":
-        return full_vocab_divergence(sample.logits, sample.tokens, sample.teacher_full_log_probs, **common)
+        return full_vocab_divergence(sample.logits, sample.tokens, sample.teacher_full_log_probs,
+                                     term_clip=config.vocab_term_clip, **common)
     if config.kl_scope == "topk":
         return topk_divergence(
             sample.logits, sample.tokens, sample.teacher_topk_log_probs, sample.teacher_topk_indices, **common

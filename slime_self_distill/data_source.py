@@ -5,7 +5,8 @@ Use with ``--data-source-path slime_self_distill.data_source.SelfDistillRolloutD
 The student's prompt is left untouched: slime's ``Dataset`` has already rendered it. The teacher prompt is read
 from ``sample.metadata[--self-distill-teacher-prompt-key]`` (a string or chat messages, written by
 ``prepare_dataset``) and rendered the way slime's ``Dataset`` renders the student prompt (same tokenizer, chat
-template, ``--apply-chat-template-kwargs`` and tools). The result goes into the plugin's own metadata entry,
+template, ``--apply-chat-template-kwargs`` or ``--self-distill-teacher-chat-template-kwargs``, and tools). The result
+goes into the plugin's own metadata entry,
 ``sample.metadata["self_distill"]``:
 
 * ``"teacher_prompt_text"``: the rendered teacher prompt (the converter encodes it exactly as slime encodes the
@@ -249,18 +250,23 @@ def load_hf_tokenizer(hf_checkpoint: str):
     return load_tokenizer(hf_checkpoint, trust_remote_code=True)
 
 
-def prompt_renderer(args: Any) -> Callable[[Any, Any], str]:
-    """``render(prompt, tools)`` with slime's tokenizer, ``--apply-chat-template`` and its kwargs."""
+def teacher_prompt_renderer(args: Any, config: SelfDistillConfig) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` of teacher prompts: slime's tokenizer and ``--apply-chat-template``, with
+    ``--self-distill-teacher-chat-template-kwargs`` when set (e.g. a teacher reading in thinking mode), else the
+    student's ``--apply-chat-template-kwargs``."""
     from slime_self_distill.templates import render_prompt
 
     tokenizer = load_hf_tokenizer(args.hf_checkpoint)
+    kwargs = config.teacher_chat_template_kwargs
+    if kwargs is None:
+        kwargs = args.apply_chat_template_kwargs
 
     def render(prompt: Any, tools: Any) -> str:
         return render_prompt(
             prompt,
             tokenizer,
             apply_chat_template=bool(args.apply_chat_template),
-            apply_chat_template_kwargs=args.apply_chat_template_kwargs,
+            apply_chat_template_kwargs=kwargs,
             tools=tools,
         )
 
@@ -291,7 +297,7 @@ def _build_data_source_class() -> type:
             check_supported_args(args)
             self.self_distill_config = SelfDistillConfig.from_args(args)
             super().__init__(args)
-            self._render = prompt_renderer(args)
+            self._render = teacher_prompt_renderer(args, self.self_distill_config)
 
         def get_samples(self, num_samples: int):
             groups = super().get_samples(num_samples)

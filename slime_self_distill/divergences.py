@@ -207,10 +207,12 @@ class TokenDivergence:
 
 
 # ---------------------------------------------------------------------- full vocabulary
-def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_group, grad_out, scratch):
-    """One chunk of rows: returns (divergence, entropy, student token log-prob, gradient scale); writes the gradient
-    of the divergence w.r.t. ``z``, divided by that scale, into ``grad_out`` when given. ``scratch``: the call's
-    ``_ChunkWorkspace``. Everything is computed in place: this loop is memory-bound."""
+def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, term_clip, tp_group, grad_out, scratch):
+    """One chunk of rows: returns (loss value, divergence, entropy, student token log-prob, gradient scale); writes
+    the gradient of the loss value w.r.t. ``z``, divided by that scale, into ``grad_out`` when given. The loss value
+    is the divergence, or with ``term_clip`` (forward KL only) the sum over the vocabulary of each entry's term
+    clamped at ``term_clip``. ``scratch``: the call's ``_ChunkWorkspace``. Everything is computed in place: this loop
+    is memory-bound."""
     rows = z.shape[0]
     p, teacher_p, score = (scratch.get(name, rows) for name in ("p", "teacher_p", "score"))
     row_max, p = _row_log_normalizer(z, tp_group, p)  # p holds exp(z - max) until normalized below
@@ -225,6 +227,19 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
     entropy = lse - sum_exp_logit / sum_exp
     p.div_(sum_exp.unsqueeze(-1))
 
+    if kind == "forward_kl" and term_clip is not None:
+        teacher_p = torch.exp(t, out=teacher_p)
+        # per entry T_v (t_v - log p_v), 0 where T_v = 0 (t_v = -inf); clamped at term_clip before the sum
+        term = torch.sub(t, z, out=score).add_(lse.unsqueeze(-1)).mul_(teacher_p).masked_fill_(teacher_p == 0, 0.0)
+        kept = term <= term_clip  # a clamped entry gives no gradient
+        reduced = torch.stack([term.sum(-1), term.clamp_(max=term_clip).sum(-1),
+                               _row_dot(teacher_p, kept.to(teacher_p.dtype))], -1)
+        _all_reduce(reduced, tp_group)
+        divergence, value, kept_mass = reduced.unbind(-1)
+        if grad_out is not None:  # d/dz_u of -sum_{v kept} T_v log p_v = p_u * T(kept) - T_u [u kept]
+            torch.mul(p, kept_mass.unsqueeze(-1), out=grad_out).sub_(teacher_p.mul_(kept))
+        return value, divergence, entropy, token_logit - lse, 1.0
+
     if kind == "forward_kl":
         teacher_p = torch.exp(t, out=teacher_p)
         # sum_v T_v (t_v - log p_v) with log p_v = z_v - lse, without materializing log p
@@ -235,7 +250,8 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
         cross, teacher_mass = reduced.unbind(-1)
         if grad_out is not None:  # d/dz of -sum_v T_v log p_v = p * sum(T) - T
             torch.mul(p, teacher_mass.unsqueeze(-1), out=grad_out).sub_(teacher_p)
-        return cross + lse * teacher_mass, entropy, token_logit - lse, 1.0
+        value = cross + lse * teacher_mass
+        return value, value, entropy, token_logit - lse, 1.0
 
     if kind == "reverse_kl":
         floored_teacher = torch.clamp(t, min=TEACHER_LOG_PROB_FLOOR, out=teacher_p)
@@ -263,7 +279,7 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, tp_gro
         torch.mul(p, score.sub_(mean_score.unsqueeze(-1)), out=grad_out)
         if student_has_neg_inf.any():  # 0 * (-inf) at logits that are -inf: their gradient is 0
             grad_out[student_has_neg_inf] = torch.nan_to_num(grad_out[student_has_neg_inf], nan=0.0)
-    return value, entropy, token_logit - lse, score_scale
+    return value, value, entropy, token_logit - lse, score_scale
 
 
 class _FullVocabDivergence(torch.autograd.Function):
@@ -271,11 +287,12 @@ class _FullVocabDivergence(torch.autograd.Function):
     nothing is recomputed); backward scales it by the incoming per-row gradient."""
 
     @staticmethod
-    def forward(ctx, logits, teacher_log_probs, sampled_tokens, kind, alpha, tp_group, chunk_size):
+    def forward(ctx, logits, teacher_log_probs, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size):
         cd = _compute_dtype(logits)
         n = logits.shape[0]
         need_grad = ctx.needs_input_grad[0]
         value = torch.empty(n, dtype=cd, device=logits.device)
+        divergence = torch.empty_like(value)
         entropy = torch.empty_like(value)
         token_log_probs = torch.empty_like(value)
         grad = torch.empty_like(logits) if need_grad else None
@@ -286,22 +303,22 @@ class _FullVocabDivergence(torch.autograd.Function):
             grad_rows = None
             if need_grad:
                 grad_rows = grad[rows] if grad.dtype == cd else work.get("grad", rows.stop - rows.start)
-            value[rows], entropy[rows], token_log_probs[rows], gradient_scale = _full_vocab_chunk(
+            value[rows], divergence[rows], entropy[rows], token_log_probs[rows], gradient_scale = _full_vocab_chunk(
                 work.as_compute(logits[rows], "logits"), work.as_compute(teacher_log_probs[rows], "teacher"),
-                sampled_local[rows], sampled_in_shard[rows], kind, alpha, tp_group, grad_rows, work,
+                sampled_local[rows], sampled_in_shard[rows], kind, alpha, term_clip, tp_group, grad_rows, work,
             )
             if need_grad and grad_rows.dtype != grad.dtype:
                 grad[rows] = grad_rows
         ctx.gradient_scale = gradient_scale
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(entropy, token_log_probs)
-        return value, entropy, token_log_probs
+        ctx.mark_non_differentiable(divergence, entropy, token_log_probs)
+        return value, divergence, entropy, token_log_probs
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_entropy, _grad_token_log_probs):
+    def backward(ctx, grad_value, _grad_divergence, _grad_entropy, _grad_token_log_probs):
         (grad,) = ctx.saved_tensors
         row_scale = (grad_value * ctx.gradient_scale).unsqueeze(-1).to(grad.dtype)
-        return grad * row_scale, None, None, None, None, None, None
+        return grad * row_scale, None, None, None, None, None, None, None
 
 
 def full_vocab_divergence(
@@ -313,19 +330,25 @@ def full_vocab_divergence(
     alpha: float,
     tp_group=None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    term_clip: Optional[float] = None,
 ) -> TokenDivergence:
     """Exact divergence over the whole vocabulary. ``teacher_log_probs`` ``[N, V_local]``: this shard of the
-    teacher's log-softmax (any float dtype; ``-inf`` allowed)."""
+    teacher's log-softmax (any float dtype; ``-inf`` allowed).
+
+    ``term_clip`` (forward KL only; OPSD's ``jsd_token_clip``): the loss terms are ``sum_v min(T_v (log T_v - log
+    S_v), term_clip)``, whose clamped entries give no gradient; ``divergence`` stays the unclamped KL."""
     kind, alpha = resolve_divergence(divergence, alpha)
+    if term_clip is not None and kind != "forward_kl":
+        raise ValueError(f"term_clip clamps the entries of the forward KL; got divergence {divergence!r}")
     if teacher_log_probs.shape != logits.shape:
         raise ValueError(f"teacher_log_probs has shape {tuple(teacher_log_probs.shape)}, expected the student's "
                          f"{tuple(logits.shape)} (rows x this rank's vocabulary shard)")
-    value, entropy, token_log_probs = _FullVocabDivergence.apply(
-        logits, teacher_log_probs, sampled_tokens, kind, alpha, tp_group, chunk_size
+    value, kl, entropy, token_log_probs = _FullVocabDivergence.apply(
+        logits, teacher_log_probs, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size
     )
     return TokenDivergence(
         loss_terms=value,
-        divergence=value.detach(),
+        divergence=kl,
         student_entropy=entropy,
         student_token_log_probs=token_log_probs,
     )

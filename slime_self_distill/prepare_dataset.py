@@ -58,7 +58,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig
-from slime_self_distill.templates import TEMPLATES, TemplateError, build_teacher_prompt, load_template, render_prompt
+from slime_self_distill.templates import (
+    STUDENT_TEMPLATES,
+    TEMPLATES,
+    TemplateError,
+    build_student_prompt,
+    build_teacher_prompt,
+    load_student_template,
+    load_template,
+    render_prompt,
+)
 
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
 MAX_LISTED = 20
@@ -471,8 +480,11 @@ def _parse_tools(value: Any, column: str) -> Any:
     return value
 
 
-def prepare_row(data: Any, columns: Columns, template: str, template_spec: str) -> tuple[str, dict, Any, Any, Any]:
-    """(kind, output row, prompt, teacher prompt, tools) of one input row; RowError if it is unusable."""
+def prepare_row(data: Any, columns: Columns, template: str, template_spec: str,
+                student_template: Optional[str] = None) -> tuple[str, dict, Any, Any, Any]:
+    """(kind, output row, prompt, teacher prompt, tools) of one input row; RowError if it is unusable.
+    ``student_template`` (``--student-template``) wraps the student prompt of every row but an already prepared one;
+    the teacher template still gets the bare question."""
     if isinstance(data, Unparseable):
         raise RowError("unparseable_json", f"the line is not valid JSON: {data.error}")
     if not isinstance(data, dict):
@@ -537,6 +549,8 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str) 
             f"metadata[{teacher_key!r}]",
         )
 
+    if student_template is not None and kind != "prepared":
+        prompt = build_student_prompt(prompt, student_template)
     _merge(metadata, teacher_key, teacher_prompt, "the teacher prompt")
     if plugin_entry is not None:
         _merge(metadata, PLUGIN_METADATA_KEY, plugin_entry, f"the plugin's entry (template {template_spec!r})")
@@ -857,6 +871,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-column", default=None,
                    help="chat messages whose final turn is the assistant demonstration (or, with a demonstration "
                    "column, the prompt turns); default 'messages'")
+    p.add_argument("--student-template", default=None,
+                   help=f"student prompt template: a name ({', '.join(STUDENT_TEMPLATES)}), a file holding a format "
+                   "string, or a literal format string with {prompt} only; default: the prompt as it is")
     p.add_argument("--template", default="sdft",
                    help=f"teacher template: a name ({', '.join(TEMPLATES)}), a file holding a format string, or a "
                    f"literal format string with {{prompt}} and {{demonstration}}")
@@ -908,8 +925,8 @@ def resolve_column_flags(args: argparse.Namespace) -> list:
     return named + [("--top-level-columns", column) for column in args.top_level_columns]
 
 
-def _check_args(args: argparse.Namespace) -> str:
-    """The loaded template; UsageError for inconsistent flags."""
+def _check_args(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """The loaded teacher and student templates; UsageError for inconsistent flags."""
     if os.path.splitext(args.output)[1].lower() not in OUTPUT_FORMATS:
         raise UsageError(f"--output {args.output!r}: slime reads only {' and '.join(OUTPUT_FORMATS)} files")
     kwargs = args.apply_chat_template_kwargs
@@ -922,9 +939,13 @@ def _check_args(args: argparse.Namespace) -> str:
     if args.fail_on_over_budget and args.max_teacher_prompt_len is None:
         raise UsageError("--fail-on-over-budget needs --max-teacher-prompt-len")
     try:
-        return load_template(args.template)
+        template = load_template(args.template)
     except TemplateError as e:
         raise UsageError(f"--template: {e}") from None
+    try:
+        return template, None if args.student_template is None else load_student_template(args.student_template)
+    except TemplateError as e:
+        raise UsageError(f"--student-template: {e}") from None
 
 
 def _check_output_paths(input_path: str, outputs: dict) -> None:
@@ -956,7 +977,7 @@ def _counts(values: Iterable[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     named_columns = resolve_column_flags(args)
-    template = _check_args(args)
+    template, student_template = _check_args(args)
     show_progress = not args.quiet and sys.stderr.isatty()
     total, rows = read_input(args.input, args.split, show_progress)
     report = args.output + REJECTED_SUFFIX
@@ -983,7 +1004,8 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(data, dict):
                 seen.update(data)
             try:
-                kind, output, prompt, teacher_prompt, tools = prepare_row(data, columns, template, args.template)
+                kind, output, prompt, teacher_prompt, tools = prepare_row(data, columns, template, args.template,
+                                                                          student_template)
                 if write_jsonl:
                     _check_json_encodable(output)
             except RowError as e:

@@ -22,11 +22,28 @@ TEMPLATES: dict[str, str] = {
         "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
         "Now answer with a response of your own, including the thinking process.\n"
     ),
-    # OPSD-style: the teacher is conditioned on a verified solution of the same problem.
+    # A teacher conditioned on a verified solution of the same problem (a generic wording).
     "verified_solution": (
         "{prompt}\n\nHere is a verified solution to this problem:\n{demonstration}\n\n"
         "Now that you have seen a verified solution, solve the problem yourself, step by step.\n"
     ),
+    # The official OPSD code's teacher message (siyan-zhao/OPSD data_collator.py, code of 2026-03-18), character for
+    # character; {prompt} is the problem, {demonstration} the reference solution. Pair it with the student template
+    # "opsd".
+    "opsd": (
+        "Problem: {prompt}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+        "{demonstration}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure "
+        "you truly understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own "
+        "words and independent reasoning, derive the same final answer to the problem above. Think step by step, "
+        "explore different approaches, and don't be afraid to backtrack or reconsider if something doesn't work "
+        "out:\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    ),
+}
+
+# Student prompt templates (``prepare_dataset --student-template``): only ``{prompt}``.
+STUDENT_TEMPLATES: dict[str, str] = {
+    # The official OPSD code's student message, character for character.
+    "opsd": "Problem: {prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
 }
 
 
@@ -34,9 +51,9 @@ class TemplateError(ValueError):
     """A template spec that is not a known name, a readable file or a valid format string."""
 
 
-def check_template(template: str, *, origin: str = "template") -> str:
-    """Return ``template`` if it is a format string whose only fields are plain ``{prompt}`` and
-    ``{demonstration}``, each used at least once; raise TemplateError naming ``origin`` otherwise."""
+def check_template(template: str, *, origin: str = "template", fields: tuple = TEMPLATE_FIELDS) -> str:
+    """Return ``template`` if it is a format string whose only fields are plain ``fields`` (by default ``{prompt}``
+    and ``{demonstration}``), each used at least once; raise TemplateError naming ``origin`` otherwise."""
     if not isinstance(template, str):
         raise TemplateError(f"{origin}: a template must be a str, got {type(template).__name__}")
     try:
@@ -49,34 +66,42 @@ def check_template(template: str, *, origin: str = "template") -> str:
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
-        if field not in TEMPLATE_FIELDS or spec or conversion:
+        if field not in fields or spec or conversion:
             shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            allowed = " and ".join(f"{{{f}}}" for f in fields)
             raise TemplateError(
-                f"{origin}: field {shown} is not allowed; a template may use only plain {{prompt}} and "
-                f"{{demonstration}} (write literal braces as '{{{{' and '}}}}')"
+                f"{origin}: field {shown} is not allowed; a template may use only plain {allowed} (write literal "
+                "braces as '{{{{' and '}}}}')"
             )
         used.add(field)
-    missing = [f"{{{f}}}" for f in TEMPLATE_FIELDS if f not in used]
+    missing = [f"{{{f}}}" for f in fields if f not in used]
     if missing:
         raise TemplateError(f"{origin}: the template never uses {' and '.join(missing)}")
     return template
 
 
-def load_template(spec: str) -> str:
-    """The template named by ``spec``: a name in TEMPLATES, a path to a file holding a format string (read
-    verbatim, trailing newline included), or a literal format string containing {prompt} and {demonstration}.
+def load_template(spec: str, *, named: Optional[dict] = None, fields: tuple = TEMPLATE_FIELDS) -> str:
+    """The template named by ``spec``: a name in ``named`` (default TEMPLATES), a path to a file holding a format
+    string (read verbatim, trailing newline included), or a literal format string using exactly ``fields``.
     A spec with a brace that is neither a name nor a file is checked as a format string, to name its fault."""
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
+    named = TEMPLATES if named is None else named
+    if spec in named:
+        return named[spec]
     if isinstance(spec, str) and os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
-            return check_template(f.read(), origin=f"template file {spec!r}")
+            return check_template(f.read(), origin=f"template file {spec!r}", fields=fields)
     if isinstance(spec, str) and "{" in spec:  # meant as a literal format string: say what is wrong with it
-        return check_template(spec, origin=f"template {spec!r}")
+        return check_template(spec, origin=f"template {spec!r}", fields=fields)
+    uses = " and ".join(f"{{{f}}}" for f in fields)
     raise TemplateError(
-        f"unknown template {spec!r}: expected one of the names {sorted(TEMPLATES)}, the path of an existing file "
-        f"holding a format string, or a literal format string containing {{prompt}} and {{demonstration}}"
+        f"unknown template {spec!r}: expected one of the names {sorted(named)}, the path of an existing file "
+        f"holding a format string, or a literal format string containing {uses}"
     )
+
+
+def load_student_template(spec: str) -> str:
+    """A student prompt template: a name in STUDENT_TEMPLATES, a file, or a format string using only {prompt}."""
+    return load_template(spec, named=STUDENT_TEMPLATES, fields=("prompt",))
 
 
 def _last_user_turn(messages: list) -> int:
@@ -91,6 +116,25 @@ def _last_user_turn(messages: list) -> int:
     return user_turns[-1]
 
 
+def _fill(prompt: Prompt, fill: Callable[[str], str], what: str) -> Prompt:
+    """A string prompt gives ``fill(prompt)``; chat messages give a deep copy whose LAST user turn's content is
+    ``fill(content)``, every other turn unchanged."""
+    if isinstance(prompt, str):
+        return fill(prompt)
+    if not isinstance(prompt, list):
+        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    turn = _last_user_turn(prompt)
+    content = prompt[turn]["content"]
+    if not isinstance(content, str):
+        raise TypeError(
+            f"the last user turn (turn {turn}) has {type(content).__name__} content; the {what} template needs "
+            f"text content (str)"
+        )
+    filled = copy.deepcopy(prompt)
+    filled[turn]["content"] = fill(content)
+    return filled
+
+
 def build_teacher_prompt(prompt: Prompt, demonstration: str, template: str) -> Prompt:
     """The teacher's prompt: ``template`` filled with the question and the demonstration.
 
@@ -100,20 +144,14 @@ def build_teacher_prompt(prompt: Prompt, demonstration: str, template: str) -> P
     check_template(template)
     if not isinstance(demonstration, str):
         raise TypeError(f"demonstration must be a str, got {type(demonstration).__name__}")
-    if isinstance(prompt, str):
-        return template.format(prompt=prompt, demonstration=demonstration)
-    if not isinstance(prompt, list):
-        raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
-    turn = _last_user_turn(prompt)
-    content = prompt[turn]["content"]
-    if not isinstance(content, str):
-        raise TypeError(
-            f"the last user turn (turn {turn}) has {type(content).__name__} content; the teacher template needs "
-            f"text content (str)"
-        )
-    teacher = copy.deepcopy(prompt)
-    teacher[turn]["content"] = template.format(prompt=content, demonstration=demonstration)
-    return teacher
+    return _fill(prompt, lambda question: template.format(prompt=question, demonstration=demonstration), "teacher")
+
+
+def build_student_prompt(prompt: Prompt, template: str) -> Prompt:
+    """The student's prompt: ``template`` (fields: ``{prompt}`` only) around the question, in the last user turn of
+    chat messages; the teacher template still gets the bare question."""
+    check_template(template, fields=("prompt",))
+    return _fill(prompt, lambda question: template.format(prompt=question), "student")
 
 
 def render_prompt(

@@ -35,6 +35,16 @@ def full_vocab(logits, teacher_log_probs, kind, alpha):
     return divergence(softmax64(logits), torch.exp(teacher_log_probs.to(torch.float64)), kind, alpha)
 
 
+def clipped_forward_kl(logits, teacher_log_probs, clip):
+    """OPSD's clamped forward KL: sum_v min(T_v (log T_v - log S_v), clip), 0 log 0 = 0 (a clamped entry is
+    constant, so autograd gives it no gradient)."""
+    student = softmax64(logits)
+    teacher = torch.exp(teacher_log_probs.to(torch.float64))
+    safe = torch.where(teacher > 0, teacher, torch.ones_like(teacher))
+    terms = torch.where(teacher > 0, teacher * (torch.log(safe) - torch.log(student)), 0.0)
+    return torch.clamp(terms, max=clip).sum(-1)
+
+
 def with_tail(probs_on_support: torch.Tensor) -> torch.Tensor:
     tail = (1 - probs_on_support.sum(-1, keepdim=True)).clamp(min=0)
     return torch.cat([probs_on_support, tail], -1)

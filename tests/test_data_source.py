@@ -178,6 +178,20 @@ def test_samples_keep_the_student_prompt_and_carry_the_rendered_teacher_prompt(t
 
 
 @needs_slime
+def test_the_teacher_can_read_with_its_own_chat_template_arguments(tmp_path):
+    """OPSD: the student rolls out without thinking, the teacher reads its prompt in thinking mode."""
+    args = data_source_args(tmp_path, self_distill_teacher_chat_template_kwargs={"enable_thinking": True})
+    for group in self_distill_data_source(args).get_samples(2):
+        for sample in group:
+            assert "<think></think>" in sample.prompt  # slime's student prompt: --apply-chat-template-kwargs
+            text = sample.metadata[PLUGIN_METADATA_KEY][TEACHER_PROMPT_TEXT_KEY]
+            assert "<think></think>" not in text
+            assert text == make_tokenizer().apply_chat_template(
+                [{"role": "user", "content": sample.metadata["teacher_prompt"]}], tokenize=False,
+                add_generation_prompt=True, enable_thinking=True)
+
+
+@needs_slime
 def test_save_and_load_continue_with_the_same_rows(tmp_path):
     args = data_source_args(tmp_path)
     first = self_distill_data_source(args)

@@ -47,6 +47,33 @@ def test_full_vocab_matches_reference_value_and_gradient(kind, alpha):
     )
 
 
+@pytest.mark.parametrize("clip", [0.05, 0.2])
+def test_full_vocab_forward_kl_with_clamped_entries_matches_reference(clip):
+    logits, teacher, sampled = make_inputs(n=9, v=17, seed=3)
+    weights = torch.rand(logits.shape[0], dtype=torch.float64) + 0.5
+    result = full_vocab_divergence(logits, sampled, teacher, divergence="forward_kl", alpha=0.0, chunk_size=4,
+                                   term_clip=clip)
+    expected = ref.clipped_forward_kl(logits, teacher, clip)
+    torch.testing.assert_close(result.loss_terms.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_of(result.loss_terms, logits, weights), grad_of(expected, logits, weights),
+                               rtol=1e-9, atol=1e-12)
+    # the metric stays the unclamped KL; the clamp bites and can make a token's loss term negative
+    torch.testing.assert_close(result.divergence, ref.full_vocab(logits, teacher, "forward_kl", 0.0).detach())
+    assert (result.loss_terms < result.divergence - 1e-6).any()
+    # the teacher's mode is the student's rarity (a large positive term, clamped) while the student's mode is the
+    # teacher's rarity (a negative term, kept): the clamped "KL" is negative (OPSD's README warns of it)
+    student = torch.tensor([[0.0, 6.0, 0.0, 0.0]], dtype=torch.float64)
+    teacher_row = torch.log_softmax(torch.tensor([[4.0, 3.0, 0.0, 0.0]], dtype=torch.float64), -1)
+    crafted = full_vocab_divergence(student, torch.tensor([1]), teacher_row, divergence="forward_kl", alpha=0.0,
+                                    term_clip=clip)
+    assert crafted.loss_terms.item() < 0 < crafted.divergence.item()
+    assert torch.autograd.gradcheck(
+        lambda z: full_vocab_divergence(z, sampled, teacher, divergence="forward_kl", alpha=0.0, chunk_size=4,
+                                        term_clip=clip).loss_terms, (logits,))
+    with pytest.raises(ValueError, match="term_clip clamps the entries of the forward KL"):
+        full_vocab_divergence(logits, sampled, teacher, divergence="alpha_js", alpha=0.5, term_clip=clip)
+
+
 @pytest.mark.parametrize("kind,alpha", CASES)
 def test_topk_matches_reference_value_and_gradient(kind, alpha):
     logits, teacher, sampled = make_inputs()

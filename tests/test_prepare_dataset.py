@@ -39,6 +39,24 @@ def run(capsys, *argv):
 
 
 # ------------------------------------------------------------------------------------------------- row kinds
+def test_opsd_rows_get_the_official_student_and_teacher_messages(tmp_path, capsys):
+    """The OPSD dataset's columns (problem, solution) with the official student and teacher messages."""
+    from tests.test_templates import official_opsd_student, official_opsd_teacher
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"problem": "What is 3 + 4?", "solution": "3 + 4 = \\boxed{7}"}])
+    code, _, err = run(capsys, "--input", source, "--output", tmp_path / "out.jsonl", "--quiet",
+                       "--prompt-column", "problem", "--demonstration-column", "solution",
+                       "--template", "opsd", "--student-template", "opsd")
+    assert code == 0, err
+    (row,) = read_jsonl(tmp_path / "out.jsonl")
+    assert row["prompt"] == official_opsd_student("What is 3 + 4?")
+    assert row["metadata"]["teacher_prompt"] == official_opsd_teacher("What is 3 + 4?", "3 + 4 = \\boxed{7}")
+    code, _, err = run(capsys, "--input", source, "--output", tmp_path / "bad.jsonl", "--prompt-column", "problem",
+                       "--demonstration-column", "solution", "--student-template", "no such template")
+    assert code == 2 and "--student-template: unknown template 'no such template'" in err
+
+
+
 def test_demonstration_rows(tmp_path, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [
         {"prompt": "What is 2 + 2?", "demonstration": "2 + 2 = 4", "id": 7, "source": "gsm"},

@@ -7,9 +7,12 @@ import re
 import pytest
 
 from slime_self_distill.templates import (
+    STUDENT_TEMPLATES,
     TEMPLATES,
     TemplateError,
+    build_student_prompt,
     build_teacher_prompt,
+    load_student_template,
     load_template,
     render_prompt,
     truncate_demonstration_to_fit,
@@ -49,6 +52,44 @@ def test_every_named_template_uses_both_fields():
         filled = template.format(prompt="<<Q>>", demonstration="<<D>>")
         assert "<<Q>>" in filled and "<<D>>" in filled, name
     assert "verified solution" in TEMPLATES["verified_solution"]
+
+
+# The official OPSD messages (siyan-zhao/OPSD, data_collator.py of the code released 2026-03-18, read at commit
+# 7448751 of the louieworth/OPSD fork, lines 37-43 and 67 and 97-103), rebuilt here from their f-strings.
+OPSD_TRANSITION = ("\n\nAfter reading the reference solution above, make sure you truly understand "
+                   "the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your "
+                   "own words and independent reasoning, derive the same final answer to the problem above. "
+                   "Think step by step, explore different approaches, and don't be afraid to backtrack "
+                   "or reconsider if something doesn't work out:\n")
+
+
+def official_opsd_student(problem):
+    return f"Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+def official_opsd_teacher(problem, solution):
+    return (f"Problem: {problem}\n\n"
+            f"Here is a reference solution to this problem:\n"
+            f"=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
+            f"{OPSD_TRANSITION}\n"
+            f"Please reason step by step, and put your final answer within \\boxed{{}}.")
+
+
+def test_opsd_templates_are_the_official_messages():
+    problem, solution = "Find x if 2x = {6}.", "x = 3, since 2 \\cdot 3 = 6."
+    assert build_teacher_prompt(problem, solution, load_template("opsd")) == official_opsd_teacher(problem, solution)
+    assert build_student_prompt(problem, load_student_template("opsd")) == official_opsd_student(problem)
+    assert "\\boxed{}" in STUDENT_TEMPLATES["opsd"].format(prompt="p") and "\u2014" in TEMPLATES["opsd"]
+
+
+def test_student_templates_use_only_the_prompt():
+    assert build_student_prompt("Q", "<{prompt}>") == "<Q>"
+    chat = build_student_prompt(CHAT, "<{prompt}>")
+    assert chat[-1]["content"] == "<What is 12 + 30?>" and chat[:-1] == CHAT[:-1]
+    with pytest.raises(TemplateError, match="field \\{demonstration\\} is not allowed.*only plain \\{prompt\\}"):
+        load_student_template("{prompt} {demonstration}")
+    with pytest.raises(TemplateError, match="unknown template 'sdft'.*\\['opsd'\\]"):
+        load_student_template("sdft")  # a teacher template's name is not a student template
 
 
 def test_string_prompt_is_formatted():

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.distributed
 ROWS, VOCAB = 10, 24
 CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("alpha_js", 0.3)]
 SCOPES = ["full_vocab", "topk", "sampled_token"]
+CLIP = 0.05  # OPSD's clamp of each forward-KL entry (full_vocab term_clip)
 
 
 def _free_port() -> int:
@@ -74,6 +75,13 @@ def _tensor_parallel_worker(rank, world, port, queue):
                 dist.all_gather(grads, local.grad, group=group)
                 results[(scope, kind)] = (out.divergence, out.student_entropy, out.student_token_log_probs,
                                           torch.cat(grads, -1))
+        local = logits[:, columns].clone().requires_grad_(True)
+        clipped = full_vocab_divergence(local, sampled, teacher[:, columns], divergence="forward_kl", alpha=0.0,
+                                        tp_group=group, chunk_size=4, term_clip=CLIP)
+        (clipped.loss_terms * weights).sum().backward()
+        grads = [torch.empty_like(local.grad) for _ in range(world)]
+        dist.all_gather(grads, local.grad, group=group)
+        results["clipped"] = (clipped.loss_terms.detach(), clipped.divergence, torch.cat(grads, -1))
         log_softmax = vocab_parallel_log_softmax(logits[:, columns], group)
         gathered = [torch.empty_like(log_softmax) for _ in range(world)]
         dist.all_gather(gathered, log_softmax, group=group)
@@ -94,6 +102,11 @@ def _single_rank_results():
             out = _run_scope(scope, kind, alpha, local, teacher, teacher, sampled, None)
             (out.loss_terms * weights).sum().backward()
             results[(scope, kind)] = (out.divergence, out.student_entropy, out.student_token_log_probs, local.grad)
+    local = logits.clone().requires_grad_(True)
+    clipped = full_vocab_divergence(local, sampled, teacher, divergence="forward_kl", alpha=0.0, chunk_size=4,
+                                    term_clip=CLIP)
+    (clipped.loss_terms * weights).sum().backward()
+    results["clipped"] = (clipped.loss_terms.detach(), clipped.divergence, local.grad)
     results["log_softmax"] = torch.log_softmax(logits, -1)
     results["topk"] = vocab_parallel_topk(logits, 7)
     return results
