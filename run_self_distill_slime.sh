@@ -75,13 +75,22 @@ ROLLOUT_ARGS=(
   --input-key "${INPUT_KEY:-prompt}"
   --metadata-key "${METADATA_KEY:-metadata}"
   --rollout-shuffle
-  --num-rollout "${NUM_ROLLOUT:-200}"
-  --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-32}"
-  --n-samples-per-prompt "${N_SAMPLES_PER_PROMPT:-1}"
-  --rollout-max-response-len "${MAX_RESPONSE_LEN:-4096}"
-  --rollout-temperature "${ROLLOUT_TEMPERATURE:-1.0}"
-  --global-batch-size "${GLOBAL_BATCH_SIZE:-32}"
 )
+# The recipes carry their method's rollout shape and optimizer settings (slime_args); set these to override them
+# (or to give a recipe without them its values).
+optional_flag() {  # optional_flag ARRAY_NAME FLAG VARIABLE_NAME: append "FLAG value" when the variable is set
+  local -n target="$1"
+  if [[ -n "${!3:-}" ]]; then
+    target+=("$2" "${!3}")
+  fi
+}
+optional_flag ROLLOUT_ARGS --num-rollout NUM_ROLLOUT
+optional_flag ROLLOUT_ARGS --num-epoch NUM_EPOCH
+optional_flag ROLLOUT_ARGS --rollout-batch-size ROLLOUT_BATCH_SIZE
+optional_flag ROLLOUT_ARGS --n-samples-per-prompt N_SAMPLES_PER_PROMPT
+optional_flag ROLLOUT_ARGS --rollout-max-response-len MAX_RESPONSE_LEN
+optional_flag ROLLOUT_ARGS --rollout-temperature ROLLOUT_TEMPERATURE
+optional_flag ROLLOUT_ARGS --global-batch-size GLOBAL_BATCH_SIZE
 if [[ "${APPLY_CHAT_TEMPLATE:-1}" == 1 ]]; then
   ROLLOUT_ARGS+=(--apply-chat-template)
 fi
@@ -117,14 +126,10 @@ if [[ "${TP:-1}" -gt 1 ]]; then
   PERF_ARGS+=(--sequence-parallel)
 fi
 
-OPTIMIZER_ARGS=(
-  --optimizer adam
-  --lr "${LR:-1e-6}"
-  --lr-decay-style constant
-  --weight-decay "${WEIGHT_DECAY:-0.1}"
-  --adam-beta1 0.9
-  --adam-beta2 0.98
-)
+OPTIMIZER_ARGS=(--optimizer adam)
+optional_flag OPTIMIZER_ARGS --lr LR
+optional_flag OPTIMIZER_ARGS --lr-decay-style LR_DECAY_STYLE
+optional_flag OPTIMIZER_ARGS --weight-decay WEIGHT_DECAY
 
 SGLANG_ARGS=(
   --rollout-num-gpus-per-engine "${ROLLOUT_GPUS_PER_ENGINE:-${TP:-1}}"

@@ -329,9 +329,12 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
         else isinstance(value, (int, float)) and not isinstance(value, bool)
     )
     if not ok:
+        hint = f"write it as a plain {expected.__name__} in the YAML file"
+        if isinstance(value, bool) and expected is str:
+            hint = f"YAML reads off/on/yes/no as booleans: quote it ('{'on' if value else 'off'}')"
         raise ConfigError(
             f"{flag_name(f.name)} (YAML key {ARG_PREFIX + f.name}) must be {expected.__name__}, got "
-            f"{value!r} of type {type(value).__name__}; write it as a plain {expected.__name__} in the YAML file"
+            f"{value!r} of type {type(value).__name__}; {hint}"
         )
 
 

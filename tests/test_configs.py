@@ -1,22 +1,23 @@
-"""The shipped recipes in configs/*.yaml: loadable, only known keys, valid, and faithful to their sources."""
+"""The shipped recipes in configs/*.yaml: loadable, only known keys, valid, their slime arguments parse with slime's
+own argument code, and they carry their method's official settings (test_recipes.py checks their loss)."""
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from slime_self_distill.config import ARG_PREFIX, SelfDistillConfig
-from slime_self_distill.train import plan_launch
-
-
-def precheck_self_distill_settings(argv):
-    return plan_launch([*argv, "--ref-load", "/ckpt/initial"]).config
+from slime_self_distill.config import ARG_PREFIX, SETTING_KEYS, SelfDistillConfig
+from slime_self_distill.train import RECIPE_SLIME_ARGS_KEY, flag_value, plan_launch
+from tests.slime_support import needs_slime
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml")
-KNOWN_KEYS = {ARG_PREFIX + f.name for f in dataclasses.fields(SelfDistillConfig)}
+# Megatron-LM's own flags (megatron.training.arguments, not installable here), which the recipes set for the
+# optimizer; slime's argument code knows every other flag they use.
+MEGATRON_FLAGS = {"--lr", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--min-lr",
+                  "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps", "--clip-grad",
+                  "--calculate-per-token-loss"}
 
 
 def load(name: str) -> dict:
@@ -24,44 +25,91 @@ def load(name: str) -> dict:
         return yaml.safe_load(f)
 
 
+def plan(name: str):
+    return plan_launch(["--custom-config-path", str(CONFIG_DIR / name), "--ref-load", "/ckpt/initial"])
+
+
 def test_every_shipped_config_is_tested():
     assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == sorted(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_keys_are_knobs_and_validate(name):
+def test_recipe_keys_are_settings_and_validate(name):
     data = load(name)
-    assert isinstance(data, dict) and data, f"{name} is not a non-empty mapping"
-    assert set(data) <= KNOWN_KEYS, f"{name}: unknown keys {sorted(set(data) - KNOWN_KEYS)}"
-    config = SelfDistillConfig.from_args(argparse.Namespace(**data))
-    for key, value in data.items():
+    assert set(data) <= SETTING_KEYS | {RECIPE_SLIME_ARGS_KEY}, sorted(set(data) - SETTING_KEYS)
+    settings = {k: v for k, v in data.items() if k in SETTING_KEYS}
+    config = SelfDistillConfig.from_args(argparse.Namespace(**settings))
+    for key, value in settings.items():
         assert getattr(config, key[len(ARG_PREFIX):]) == value, key  # nothing coerced or dropped
+    launched = plan(name)
+    assert launched.config == config and launched.warnings == []  # no knob without effect
 
 
+@needs_slime
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_passes_the_launcher_precheck(name):
-    config = precheck_self_distill_settings(["--custom-config-path", str(CONFIG_DIR / name), "--lr", "1e-6"])
-    assert config == SelfDistillConfig.from_args(argparse.Namespace(**load(name)))
+def test_recipe_slime_arguments_are_slimes_own_flags(name):
+    from tests.test_train import slime_parser
+
+    slime_argv = plan(name).slime_argv
+    _, unknown = slime_parser().parse_known_args(slime_argv)
+    unknown_flags = {token for token in unknown if token.startswith("--")}
+    assert unknown_flags <= MEGATRON_FLAGS, unknown_flags - MEGATRON_FLAGS
+    for flag in unknown_flags - {"--calculate-per-token-loss", "--lr-decay-style"}:
+        float(flag_value(slime_argv, flag))  # Megatron's numeric flags get numbers
 
 
-OFFICIAL_SDFT = {
-    # github.com/idanshen/Self-Distillation (DistilTrainer defaults), self-distillation-math.md
-    "kl_scope": "full_vocab",
-    "divergence": "forward_kl",
-    "teacher": "ema",
-    "ema_rate": 0.01,
-    "ema_update_interval": "step",
-    "num_loss_tokens_to_skip": 3,
-    "importance_correction": "sequence",
-    "importance_cap": 2.0,
-    "top_entropy_quantile": 1.0,
+def slime_settings(name):
+    """The recipe's slime flags that take a value, with their (last) value."""
+    argv = plan(name).slime_argv
+    return {token: flag_value(argv, token) for i, token in enumerate(argv)
+            if token.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--")}
+
+
+# The official settings, per recipe (sources: the recipe files' headers and tests/test_recipes.py).
+OFFICIAL = {
+    # idanshen/Self-Distillation main.py and README commands
+    "sdft.yaml": ({"kl_scope": "full_vocab", "divergence": "forward_kl", "teacher": "ema", "ema_rate": 0.01,
+                   "ema_update_interval": "step", "num_loss_tokens_to_skip": 3, "importance_correction": "sequence",
+                   "importance_cap": 2.0, "top_entropy_quantile": 1.0},
+                  {"--rollout-batch-size": "32", "--n-samples-per-prompt": "1", "--global-batch-size": "32",
+                   "--num-epoch": "2", "--rollout-temperature": "1.0", "--rollout-max-response-len": "1024",
+                   "--lr": "5e-05", "--lr-decay-style": "cosine", "--lr-warmup-fraction": "0.1", "--min-lr": "0.0",
+                   "--weight-decay": "0.0", "--adam-beta1": "0.9", "--adam-beta2": "0.999", "--adam-eps": "1e-08",
+                   "--clip-grad": "1.0"}),
+    # siyan-zhao/OPSD (2026-03-18 code) scripts/run_opsd_4b.sh, opsd_train.py
+    "opsd.yaml": ({"kl_scope": "full_vocab", "divergence": "forward_kl", "vocab_term_clip": 0.05, "teacher": "frozen",
+                   "teacher_chat_template_kwargs": {"enable_thinking": True}, "num_loss_tokens_to_skip": 0,
+                   "importance_correction": "off", "top_entropy_quantile": 1.0},
+                  {"--rollout-batch-size": "32", "--n-samples-per-prompt": "1", "--global-batch-size": "32",
+                   "--rollout-temperature": "1.1", "--rollout-top-p": "0.95", "--rollout-top-k": "20",
+                   "--rollout-max-response-len": "1024", "--apply-chat-template-kwargs": '{"enable_thinking": false}',
+                   "--lr": "5e-06", "--lr-decay-style": "linear", "--clip-grad": "0.1", "--weight-decay": "0.0",
+                   "--adam-beta2": "0.999"}),
+    # lasgroup/SDPO experiments/generalization/run_sdpo_all.sh, verl/trainer/config/{sdpo,user}.yaml, actor.yaml
+    "sampled_token_reverse_kl.yaml": ({"kl_scope": "sampled_token", "divergence": "reverse_kl", "teacher": "ema",
+                                       "ema_rate": 0.05, "ema_update_interval": "rollout",
+                                       "importance_correction": "token", "importance_cap": 2.0,
+                                       "num_loss_tokens_to_skip": 0, "top_entropy_quantile": 1.0},
+                                      {"--rollout-batch-size": "32", "--n-samples-per-prompt": "8",
+                                       "--global-batch-size": "256", "--rollout-temperature": "1.0",
+                                       "--rollout-max-prompt-len": "2048", "--rollout-max-response-len": "8192",
+                                       "--lr": "1e-05", "--lr-warmup-iters": "10", "--lr-decay-style": "constant",
+                                       "--weight-decay": "0.01", "--clip-grad": "1.0"}),
 }
 
 
-def test_sdft_recipe_has_the_official_values():
-    config = SelfDistillConfig.from_args(argparse.Namespace(**load("sdft.yaml")))
-    assert {k: getattr(config, k) for k in OFFICIAL_SDFT} == OFFICIAL_SDFT
-    assert config.alpha_js_weight == 0.0  # forward KL, the official alpha = 0
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_recipe_has_the_official_values(name):
+    settings, slime_flags = OFFICIAL[name]
+    config = plan(name).config
+    assert {k: getattr(config, k) for k in settings} == settings
+    assert {flag: slime_settings(name).get(flag) for flag in slime_flags} == slime_flags
+
+
+def test_opsd_is_a_per_token_mean_and_the_others_per_sample():
+    assert "--calculate-per-token-loss" in plan("opsd.yaml").slime_argv
+    for name in ("sdft.yaml", "sdft_topk.yaml", "sampled_token_reverse_kl.yaml"):
+        assert "--calculate-per-token-loss" not in plan(name).slime_argv
 
 
 def test_sdft_topk_differs_from_sdft_only_in_scope():
@@ -69,15 +117,3 @@ def test_sdft_topk_differs_from_sdft_only_in_scope():
     assert topk[ARG_PREFIX + "kl_scope"] == "topk" and topk[ARG_PREFIX + "topk"] == 64
     changed = {k for k in sdft.keys() | topk.keys() if sdft.get(k) != topk.get(k)}
     assert changed == {ARG_PREFIX + "kl_scope", ARG_PREFIX + "topk"}
-
-
-def test_opsd_recipe():
-    config = SelfDistillConfig.from_args(argparse.Namespace(**load("opsd.yaml")))
-    assert (config.teacher, config.divergence, config.alpha) == ("frozen", "alpha_js", 0.5)
-    assert config.alpha_js_weight == 0.5
-
-
-def test_sampled_token_reverse_kl_recipe():
-    config = SelfDistillConfig.from_args(argparse.Namespace(**load("sampled_token_reverse_kl.yaml")))
-    assert (config.kl_scope, config.divergence) == ("sampled_token", "reverse_kl")
-    assert config.alpha_js_weight == 1.0
