@@ -289,7 +289,7 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
             type=_argparse_type(f),
             choices=f.metadata["choices"],
             default=None,
-            help=f"{f.metadata['help']} (default: {shown})",
+            help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),  # argparse %-formats help
         )
     return parser
 

@@ -166,8 +166,15 @@ def read_prompt_rows(path: str) -> Iterator[tuple[int, Any]]:
         raise SelfDistillDataError(f"--prompt-data {real_path} does not exist or is not a file")
     if real_path.endswith(".jsonl"):
         def rows() -> Iterator[tuple[int, Any]]:
-            with open(real_path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
+            with open(real_path, "rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as error:
+                        raise SelfDistillDataError(
+                            f"--prompt-data {real_path}: line {number} is not UTF-8 ({error.reason} at byte "
+                            f"{error.start} of the line); slime reads the file as UTF-8 and would stop there"
+                        ) from None
                     if line.strip():
                         try:
                             yield number, json.loads(line)

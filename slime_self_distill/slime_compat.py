@@ -23,6 +23,7 @@ _LOSS = "slime.backends.megatron_utils.loss"
 _BACKUPER = "slime.utils.tensor_backper"
 _METRICS = "slime.observability.train_metric_utils"
 _DEBUG_DUMP = "slime.observability.train_data_utils"
+_DISTRIBUTED = "slime.utils.distributed_utils"
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,19 @@ EXPECTED_FUNCTIONS = (
                      "global_batch_sizes)",
                      "wrapped: writes the EMA teacher into the 'teacher' tag after each rollout's training"),
     ExpectedFunction(_BACKUPER, "TensorBackuper.create", "(source_getter, single_tag)",
-                     "wrapped: sets up the 'teacher' tag when slime creates the weights backuper"),
+                     "wrapped: checks host memory, sets up the teacher and hands slime the teacher-aware backuper"),
     ExpectedFunction(_BACKUPER, "_TensorBackuperNormal.backup", "(self, tag)", "called: copies weights into a tag"),
     ExpectedFunction(_BACKUPER, "_TensorBackuperNormal.get", "(self, tag)", "called: a tag's tensor dict"),
+    ExpectedFunction(_BACKUPER, "_TensorBackuperNormal.restore", "(self, tag)",
+                     "called: copies a tag's weights into the model"),
+    ExpectedFunction(_BACKUPER, "_TensorBackuperNormal.copy", "(self, *, src_tag, dst_tag)",
+                     "called: copies one tag into another"),
+    ExpectedFunction(_MODEL, "initialize_model_and_optimizer", "(args, role='actor')",
+                     "wrapped: records which checkpoint slime loaded (an EMA teacher resumes from it)"),
+    ExpectedFunction(_MODEL, "save", "(iteration, model, optimizer, opt_param_scheduler)",
+                     "wrapped: writes the EMA teacher beside each checkpoint, before slime's"),
+    ExpectedFunction(_DISTRIBUTED, "get_gloo_group", "()",
+                     "called: the all-ranks CPU group of the start-up checks and the teacher pass schedule"),
     ExpectedFunction(_DATA, "DataIterator.__init__", "(self, rollout_data, micro_batch_indices)",
                      "called: iterates the teacher sequences with the student's micro-batch schedule"),
     ExpectedFunction(_LOSS, "get_responses",
@@ -69,6 +80,8 @@ SAME_OBJECTS = (
     ((_ACTOR, "train"), (_MODEL, "train")),
     ((_MODEL, "get_batch"), (_DATA, "get_batch")),
     ((_ACTOR, "TensorBackuper"), (_BACKUPER, "TensorBackuper")),
+    ((_ACTOR, "initialize_model_and_optimizer"), (_MODEL, "initialize_model_and_optimizer")),
+    ((_ACTOR, "save"), (_MODEL, "save")),
     ((_ACTOR, "train_metric_utils"), (_METRICS, None)),
     ((_ACTOR, "train_data_utils"), (_DEBUG_DUMP, None)),
 )
@@ -76,13 +89,20 @@ SAME_OBJECTS = (
 # Facts of slime's control flow the hooks rely on, as (module, function, snippets in the order they must appear).
 SOURCE_FACTS = (
     (_ACTOR, "MegatronTrainRayActor.init",
-     ("TensorBackuper.create(", 'self.weights_backuper.backup("actor")', 'self.load_other_checkpoint("teacher"'),
-     "the backuper is created while the model holds the student's initial weights, before the OPD teacher loads"),
+     ("initialize_model_and_optimizer(", "TensorBackuper.create(", 'self.weights_backuper.backup("actor")',
+      'self.load_other_checkpoint("ref"', 'self.load_other_checkpoint("teacher"'),
+     "the backuper is created once slime loaded --load into the model, before any backup and before the reference "
+     "and OPD teacher checkpoints load"),
+    (_ACTOR, "MegatronTrainRayActor.load_other_checkpoint", ("load_checkpoint(", "self.weights_backuper.backup("),
+     "another checkpoint is loaded into the model, then backed up under its tag (the model keeps it)"),
     (_ACTOR, "MegatronTrainRayActor.train_actor",
      ('"teacher" in self.weights_backuper.backup_tags', 'self._switch_model("teacher")', 'store_prefix="teacher_"',
+      'self._switch_model("old_actor" if self.args.keep_old_actor else "actor")',
       "compute_advantages_and_returns(", "train_metric_utils.log_rollout_data(", "train(",
-      "train_data_utils.save_debug_train_data("),
-     "a 'teacher' tag triggers the teacher pass (store prefix 'teacher_') before metrics and training"),
+      "train_data_utils.save_debug_train_data(", 'self.weights_backuper.backup("actor")'),
+     "a 'teacher' tag triggers the teacher pass (store prefix 'teacher_'), then the swap back to the student, before "
+     "metrics and training; the student is backed up after training"),
+    (_ACTOR, "MegatronTrainRayActor.save_model", ("save(",), "checkpoints go through the module global save"),
     (_ACTOR, "MegatronTrainRayActor.compute_log_prob", ("forward_only(",),
      "log-prob passes go through the module global forward_only"),
     (_MODEL, "forward_only", ("get_batch(", "forward_backward_func(", 'rollout_data[f"{store_prefix}{key}"]'),

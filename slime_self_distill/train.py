@@ -124,12 +124,12 @@ def launcher_parser() -> argparse.ArgumentParser:
 
 
 def help_text() -> str:
-    plugin = argparse.ArgumentParser(prog="python -m slime_self_distill.train", add_help=False, allow_abbrev=False)
+    plugin = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False)
     add_self_distill_arguments(plugin)
     return "\n".join([
         launcher_parser().format_help().rstrip(),
         "",
-        plugin.format_help().split("\n", 2)[2].rstrip(),  # the flag groups, without the usage line
+        plugin.format_help().strip(),
         "",
         f"A recipe ({CUSTOM_CONFIG_FLAG} configs/<recipe>.yaml) sets the same settings as YAML keys (flag names with "
         f"underscores) and may list slime flags under '{RECIPE_SLIME_ARGS_KEY}'.",

@@ -263,9 +263,12 @@ def install_stand_ins(monkeypatch, engine: RolloutEngine, passes: list, memory_s
         (actor_module, "init_tracking", lambda *a, **k: None),
         (actor_module, "AutoConfig", SimpleNamespace(from_pretrained=lambda *a, **k: SimpleNamespace(vocab_size=VOCAB))),
         (actor_module, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: None)),
+        # slime's actor calls the model module's functions through its own names (slime_compat checks both agree)
         (actor_module, "initialize_model_and_optimizer", initialize_model_and_optimizer),
+        (model_module, "initialize_model_and_optimizer", initialize_model_and_optimizer),
         (actor_module, "load_checkpoint", load_checkpoint),
         (actor_module, "save", save),
+        (model_module, "save", save),
         (actor_module, "forward_only", forward_only),
         (model_module, "forward_only", forward_only),
         (actor_module, "named_params_and_buffers",

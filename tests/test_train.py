@@ -396,6 +396,8 @@ def test_plugin_flags_and_defaults_parse_with_slimes_real_arguments():
     for flag, value in PLUGIN_DEFAULTS:
         assert getattr(args, flag[2:].replace("-", "_")) == value
     assert args.opd_kl_coef == 0.0
+    assert "90%% of the memory" not in slime_parser().format_help()  # help texts survive argparse's %-formatting
+    assert "90% of the memory" in slime_parser().format_help()
     # Megatron adds the parallel sizes; everything else the checks read comes from slime's parser.
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size = 2, 1, 1
     args.opd_type = "megatron"
@@ -507,3 +509,71 @@ def test_script_names_a_missing_setting_before_starting_anything(tmp_path, missi
     assert result.returncode != 0
     assert f"{missing}: set {missing}" in result.stderr
     assert not log.exists()  # neither the launcher nor ray ran
+
+
+# ---------------------------------------------------------------------- without slime: --help and --check-only
+def prompt_file(tmp_path, rows, name="rows.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return str(path)
+
+
+GOOD_ROW = {"prompt": "2+2?", "label": "4", "metadata": {"teacher_prompt": "2+2? (It is 4.)"}}
+
+
+def check_only(monkeypatch, *argv):
+    monkeypatch.setattr(launcher, "importable_slime_package_dir", lambda: None)
+    return launcher.main(["--check-only", "--ref-load", "/ckpt/initial", *map(str, argv)], environ={})
+
+
+def test_help_works_without_slime(monkeypatch, capsys):
+    monkeypatch.setattr(launcher, "importable_slime_package_dir", lambda: None)
+    assert launcher.main(["--help"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "--check-only" in out and "--self-distill-kl-scope" in out and "slime_args" in out
+
+
+def test_check_only_without_slime_checks_the_settings_and_every_row(tmp_path, monkeypatch, capsys):
+    data = prompt_file(tmp_path, [GOOD_ROW] * 3)
+    assert check_only(monkeypatch, "--prompt-data", data, "--label-key", "label") == 0
+    captured = capsys.readouterr()
+    assert f"--prompt-data {data}: 3 rows OK" in captured.out
+    assert "slime's own arguments were not checked" in captured.err
+    assert check_only(monkeypatch, "--self-distill-kl-scop", "topk") == 2  # the settings are still checked
+    assert "did you mean --self-distill-kl-scope?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"prompt": "2+2?", "label": "4", "metadata": {}}, "no teacher prompt in metadata['teacher_prompt']"),
+    ({"prompt": "2+2?", "metadata": {"teacher_prompt": "t"}}, "--label-key 'label' is missing"),
+    ({"question": "2+2?", "label": "4", "metadata": {"teacher_prompt": "t"}},
+     "--input-key 'prompt' is missing, expected a non-empty string or chat messages (the row's columns: "
+     "['label', 'metadata', 'question'])"),
+    (b"{not json", "not valid JSON"),
+    (b"\xef\xbb\xbf" + json.dumps(GOOD_ROW).encode(), "not valid JSON"),  # slime would skip a BOM'd first line
+    ({"prompt": [{"role": "user", "content": "hi"}], "label": "4", "metadata": {"teacher_prompt": "t"}},
+     "holds chat messages, which slime renders only with --apply-chat-template"),
+])
+def test_check_only_names_each_row_that_would_fail(tmp_path, monkeypatch, capsys, bad_row, message):
+    data = prompt_file(tmp_path, [bad_row, GOOD_ROW, GOOD_ROW])
+    assert check_only(monkeypatch, "--prompt-data", data, "--label-key", "label") == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-data {data}: 1 of 3 rows would fail" in err and "row 1: " in err and message in err
+
+
+def test_check_only_honours_slimes_row_slice_and_excluded_teachers(tmp_path, monkeypatch, capsys):
+    rows = [{"prompt": "q", "metadata": {}}, GOOD_ROW, GOOD_ROW, {"prompt": "q", "metadata": {}}]
+    data = prompt_file(tmp_path, rows)
+    assert check_only(monkeypatch, "--prompt-data", f"{data}@[1:3]") == 0  # rows 2 and 3 only
+    assert "2 rows OK" in capsys.readouterr().out
+    assert check_only(monkeypatch, "--prompt-data", data, "--self-distill-missing-teacher", "exclude") == 0
+    assert "4 rows OK, 2 without a teacher prompt (excluded)" in capsys.readouterr().out
+
+
+def test_check_only_refuses_a_file_slime_cannot_read(tmp_path, monkeypatch, capsys):
+    assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [b"\xff\xfe{}"])) == 2
+    assert "line 1 is not UTF-8" in capsys.readouterr().err
+    assert check_only(monkeypatch, "--prompt-data", tmp_path / "missing.jsonl") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [GOOD_ROW], "rows.json")) == 2
+    assert "slime reads only .jsonl and .parquet" in capsys.readouterr().err
