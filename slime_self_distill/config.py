@@ -87,13 +87,15 @@ class SelfDistillConfig:
     )
     num_loss_tokens_to_skip: int = field(
         default=0,
-        metadata=_knob("Leave the first N completion tokens of each sample out of the loss (>= 0)."),
+        metadata=_knob("Leave the first N completion tokens of each sample out of the loss, numerator and "
+                       "denominators: the converter zeroes their loss mask (>= 0)."),
     )
     importance_correction: str = field(
         default="off",
         metadata=_knob(
             "Truncated importance weight min(exp(log p_train - log p_rollout), cap), detached, correcting the "
-            "rollout-engine/trainer mismatch: 'token' (per token), 'sequence' (per-sequence mean) or 'off'.",
+            "rollout-engine/trainer mismatch: 'token' (per token), 'sequence' (per sequence: the mean of the "
+            "clipped token weights over its loss tokens) or 'off'.",
             IMPORTANCE_CORRECTIONS,
         ),
     )
@@ -111,8 +113,9 @@ class SelfDistillConfig:
     teacher: str = field(
         default="frozen",
         metadata=_knob(
-            "Teacher weights: 'frozen' (the --opd-teacher-load checkpoint, else the student's initial weights), "
-            "'live' (the current student weights) or 'ema' (an fp32 moving average of the student).",
+            "Teacher weights: 'frozen' (a checkpoint that stays the teacher across restarts: slime's "
+            "--opd-teacher-load, which the launcher fills from --ref-load), 'live' (the current student weights) or "
+            "'ema' (an fp32 moving average of the student, saved with every checkpoint).",
             TEACHER_KINDS,
         ),
     )

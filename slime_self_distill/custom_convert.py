@@ -418,6 +418,12 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
         )
     config = SelfDistillConfig.from_args(args)
     data = default_train_data(args, samples)
+    if getattr(args, "use_rollout_logprobs", False) and "rollout_log_probs" not in data:
+        raise SelfDistillDataError(
+            f"--use-rollout-logprobs (filled in by the launcher to skip slime's unused student log-prob pass) needs "
+            f"the rollout engine's log-probabilities, but {describe_sample(samples[0])} has no rollout_log_probs; "
+            "make the rollout function return them (slime's SGLang rollout does), or drop --use-rollout-logprobs"
+        )
     tokenizer = load_hf_tokenizer(args.hf_checkpoint)
 
     @functools.lru_cache(maxsize=None)  # the samples of a group share their teacher prompt: encode it once

@@ -463,6 +463,7 @@ class Installation:
     ema: Optional[EmaTeacher] = None  # None unless --self-distill-teacher ema, and in processes without a backuper
     ema_shard: str = ""
     writes_ema_shard: bool = False
+    node_report: list = field(default_factory=list)  # the host-memory estimate of every node, from start-up
 
     def replace(self, owner: Any, name: str, make: Callable[[Callable], Any]) -> None:
         own_value = inspect.getattr_static(owner, name)
@@ -516,13 +517,13 @@ class Installation:
         estimate = host_memory.rank_host_memory(self.args, self.config, infos, parallel)
         # Every rank reads the available memory before any of them allocates its weight backups: the gather below
         # is the first thing a rank waits in after its own reading.
-        nodes = host_memory.group_by_node(_all_ranks(
+        self.node_report = host_memory.group_by_node(_all_ranks(
             (socket.gethostname(), estimate, host_memory.available_host_memory_bytes())
         ))
         if dist.get_rank() == 0:
-            for node in nodes:
+            for node in self.node_report:
                 logger.info("slime_self_distill host memory: %s", host_memory.describe_node(node, self.config))
-        host_memory.check_nodes(nodes, self.args, self.config, parallel)
+        host_memory.check_nodes(self.node_report, self.args, self.config, parallel)
 
     # ------------------------------------------------------------------ called from slime's training loop
     def save_ema(self, iteration: int) -> None:

@@ -18,7 +18,6 @@ import pytest
 
 from slime_self_distill.config import SelfDistillConfig
 from slime_self_distill.custom_convert import (
-    restrict_loss_masks,
     REASON_EMPTY_RESPONSE,
     REASON_OVER_BUDGET,
     REASON_OVER_BUDGET_AFTER_TRUNCATION,
@@ -27,6 +26,7 @@ from slime_self_distill.custom_convert import (
     convert_samples_to_train_data,
     fill_rollout_ids,
     normalize_rewards,
+    restrict_loss_masks,
     rollout_mask_sums,
     student_prompt_of,
 )
@@ -544,3 +544,26 @@ def test_data_source_then_converter_end_to_end(tmp_path, apply_chat_template):
             longer = build_teacher_prompt(row["prompt"], demonstration[:kept + 1], template)
             assert len(rendered_ids(longer)) > budget
     assert shortened > 0
+
+
+@needs_slime
+def test_use_rollout_logprobs_without_rollout_log_probs_is_refused(tmp_path):
+    hf = save_tokenizer(tmp_path / "tok")
+    samples = real_samples(random.Random(8), 4)
+    with pytest.raises(SelfDistillDataError, match="--use-rollout-logprobs .* has no rollout_log_probs"):
+        convert_samples_to_train_data(slime_args(hf, use_rollout_logprobs=True), copy.deepcopy(samples))
+    with_log_probs = real_samples(random.Random(8), 4, with_log_probs=True)
+    data = convert_samples_to_train_data(slime_args(hf, use_rollout_logprobs=True), with_log_probs)
+    assert len(data["rollout_log_probs"]) == 4
+
+
+@needs_slime
+def test_skipped_leading_tokens_leave_the_loss_masks_of_real_samples(tmp_path):
+    hf = save_tokenizer(tmp_path / "tok")
+    samples = [s for s in real_samples(random.Random(9), 12) if not s.remove_sample]
+    plain = convert_samples_to_train_data(slime_args(hf), copy.deepcopy(samples))
+    skipped = convert_samples_to_train_data(slime_args(hf, self_distill_num_loss_tokens_to_skip=3),
+                                            copy.deepcopy(samples))
+    for before, after in zip(plain["loss_masks"], skipped["loss_masks"]):
+        assert after == [0] * min(3, len(before)) + before[3:]
+    assert skipped["rollout_mask_sums"] == rollout_mask_sums(skipped["rollout_ids"], skipped["loss_masks"])

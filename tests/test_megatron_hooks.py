@@ -500,3 +500,44 @@ def _data_parallel_worker(rank, port):
 @pytest.mark.distributed
 def test_every_data_parallel_rank_runs_the_same_number_of_teacher_micro_batches():
     mp.spawn(_data_parallel_worker, args=(free_port(),), nprocs=2)
+
+
+# ---------------------------------------------------------------------- two ranks: EMA shards and the node estimate
+def _ema_shard_worker(rank, port, save_dir):
+    import os
+
+    import_slime_megatron()
+    from megatron.core import mpu
+
+    from slime.utils import tensor_backper
+
+    init_gloo(rank, 2, port, slime_group=True, timeout_seconds=60)
+    point_slime_at_cpu()
+    tensor_backper.torch = TorchWithoutPinnedMemory()
+    for tp_size in (1, 2):  # two data-parallel replicas of one shard, then two tensor-parallel shards
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        megatron_hooks.install(make_args(self_distill_teacher="ema", tensor_model_parallel_size=tp_size,
+                                         save=os.path.join(save_dir, f"tp{tp_size}")))
+        model = TinyCausalLM(seed=rank if tp_size == 2 else 0)
+        tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)
+        installation = megatron_hooks.current_installation()
+        nodes = installation.node_report
+        assert len(nodes) == 1 and len(nodes[0].ranks) == 2  # both ranks of this machine, summed
+        installation.save_ema(3)
+        directory = os.path.join(save_dir, f"tp{tp_size}", "self_distill", "ema_teacher", "iter_0000003")
+        shards = [None, None]
+        dist.all_gather_object(shards, installation.ema_shard)
+        assert sorted(os.listdir(directory)) == sorted({f"{shard}.pt" for shard in shards})
+        if tp_size == 1:
+            assert shards == ["pp000_tp000_ep000_etp000"] * 2 and installation.writes_ema_shard == (rank == 0)
+        else:
+            assert shards[0] != shards[1] and installation.writes_ema_shard
+        megatron_hooks.uninstall()
+        mpu.destroy_model_parallel()
+    destroy_gloo()
+
+
+@needs_slime
+@pytest.mark.distributed
+def test_each_ema_shard_is_written_once_and_host_memory_is_summed_per_node(tmp_path):
+    mp.spawn(_ema_shard_worker, args=(free_port(), str(tmp_path)), nprocs=2)

@@ -11,18 +11,35 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def _first_code_block() -> list[str]:
-    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
-    return [line for line in block.splitlines() if line.strip()]
+def _code_blocks_of(text: str) -> list[list[str]]:
+    return [[line for line in block.splitlines() if line.strip()]
+            for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
 
 
-def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
-    install_and_prepare, run_tests = _first_code_block()
-    assert install_and_prepare.startswith("pip install torch==2.13.0 -e . && python -m slime_self_distill.prepare_dataset")
-    assert "--input examples/" in install_and_prepare
-    assert (ROOT / install_and_prepare.split("--input ")[1].split()[0]).is_file()
+def test_readme_opens_with_a_quick_start_whose_first_command_keeps_the_installed_torch():
+    assert README.index("## Quick start") < README.index("## Contents")
+    (first_command,) = _code_blocks_of(README)[0]
+    install, prepare = first_command.split(" && ")
+    assert install == "pip install -e ."  # no torch pin: a cluster image's CUDA torch stays
+    assert prepare.startswith("python -m slime_self_distill.prepare_dataset --input examples/")
+    assert (ROOT / prepare.split("--input ")[1].split()[0]).is_file()
+
+
+def test_the_readme_gives_the_test_command_ci_runs():
+    testing = README[README.index("## Testing"):]
+    run_tests = _code_blocks_of(testing)[0][0]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert run_tests in ci_lines
+    assert run_tests in ci_lines and run_tests == "pip install --quiet -e '.[test]' && python -m pytest -q -rs"
+    assert "install-slime-cpu.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_memory_table_is_what_the_estimate_gives():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.host_memory_qwen3_8b import markdown
+
+    assert markdown() in README
 
 
 def test_every_flag_is_documented():

@@ -1,0 +1,111 @@
+"""Host memory per node of the README's Qwen3-8B example, as the training actors estimate it at start-up.
+
+    PYTHONPATH=. python benchmarks/host_memory_qwen3_8b.py
+
+Qwen3-8B (36 layers, hidden 4096, FFN 12288, 32 query / 8 key-value heads of 128, vocabulary 151936, untied output
+layer) on one node of 8 GPUs, TP 2 (so DP 4), Megatron's layout (fused QKV and gate/up projections, vocabulary padded
+to a multiple of 128 x TP), bf16 weights, distributed optimizer, colocated with SGLang (--offload-train, the
+default with --colocate), a rollout of 32 prompts x 8 samples with responses up to 8192 tokens.
+
+"before": what the plugin's start-up check counted until now (the full_vocab teacher store alone);
+"after": ``host_memory.rank_host_memory`` summed over the node's 8 ranks (weight backups with pinned-allocator
+rounding, the EMA shadow, the memory saver's optimizer backup or the teacher store, whichever is larger).
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Optional
+
+from slime_self_distill.config import SelfDistillConfig
+from slime_self_distill.host_memory import (
+    ALWAYS,
+    GIB,
+    WHILE_ASLEEP,
+    WHILE_TRAINING,
+    NodeHostMemory,
+    Parallel,
+    TensorInfo,
+    rank_host_memory,
+    teacher_store_bytes,
+)
+
+QWEN3_8B = dict(layers=36, hidden=4096, ffn=12288, heads=32, kv_heads=8, head_dim=128, vocab=151936)
+TP, GPUS_PER_NODE, BF16 = 2, 8, 2
+
+
+def megatron_shard(tp: int, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
+                   vocab: int) -> list[TensorInfo]:
+    """One tensor-parallel rank's parameter tensors of a Qwen3-style GPTModel in Megatron's layout."""
+    padded_vocab = -(-vocab // (128 * tp)) * 128 * tp
+    tensors = [TensorInfo("embedding.word_embeddings.weight", padded_vocab // tp * hidden, BF16)]
+    for layer in range(layers):
+        prefix = f"decoder.layers.{layer}."
+        tensors += [
+            TensorInfo(prefix + "self_attention.linear_qkv.layer_norm_weight", hidden, BF16),
+            TensorInfo(prefix + "self_attention.linear_qkv.weight", (heads + 2 * kv_heads) * head_dim // tp * hidden,
+                       BF16),
+            TensorInfo(prefix + "self_attention.q_layernorm.weight", head_dim, BF16),
+            TensorInfo(prefix + "self_attention.k_layernorm.weight", head_dim, BF16),
+            TensorInfo(prefix + "self_attention.linear_proj.weight", hidden * heads * head_dim // tp, BF16),
+            TensorInfo(prefix + "mlp.linear_fc1.layer_norm_weight", hidden, BF16),
+            TensorInfo(prefix + "mlp.linear_fc1.weight", 2 * ffn // tp * hidden, BF16),
+            TensorInfo(prefix + "mlp.linear_fc2.weight", hidden * ffn // tp, BF16),
+        ]
+    tensors += [TensorInfo("decoder.final_layernorm.weight", hidden, BF16),
+                TensorInfo("output_layer.weight", padded_vocab // tp * hidden, BF16)]
+    return tensors
+
+
+def example_args() -> Namespace:
+    return Namespace(rollout_batch_size=32, n_samples_per_prompt=8, rollout_max_response_len=8192,
+                     padded_vocab_size=-(-QWEN3_8B["vocab"] // (128 * TP)) * 128 * TP, kl_coef=0.0,
+                     use_kl_loss=False, use_opd=False, opd_type=None, keep_old_actor=False,
+                     use_distributed_optimizer=True, optimizer_cpu_offload=False, offload_train=True)
+
+
+def node(config: SelfDistillConfig, args: Namespace) -> NodeHostMemory:
+    parallel = Parallel(tp=TP, dp=GPUS_PER_NODE // TP)
+    rank = rank_host_memory(args, config, megatron_shard(TP, **QWEN3_8B), parallel)
+    return NodeHostMemory("example", [rank] * GPUS_PER_NODE)
+
+
+CASES = (
+    ("sdft.yaml (full_vocab, EMA teacher)", SelfDistillConfig(kl_scope="full_vocab", teacher="ema"), {}),
+    ("sdft_topk.yaml (top-64, EMA teacher)", SelfDistillConfig(kl_scope="topk", topk=64, teacher="ema"), {}),
+    ("opsd.yaml (full_vocab, frozen teacher)", SelfDistillConfig(kl_scope="full_vocab"),
+     dict(use_opd=True, opd_type="megatron")),
+    ("sampled_token_reverse_kl.yaml (EMA teacher)", SelfDistillConfig(kl_scope="sampled_token", teacher="ema"), {}),
+)
+
+
+def rows() -> list[tuple[str, Optional[float], float, float, float, float]]:
+    """(recipe, before (None: not checked), held throughout, while asleep, while training, after) in GiB per node."""
+    table = []
+    for name, config, overrides in CASES:
+        args = example_args()
+        for key, value in overrides.items():
+            setattr(args, key, value)
+        estimate = node(config, args)
+        store = teacher_store_bytes(args, config, Parallel(tp=TP, dp=GPUS_PER_NODE // TP)) * GPUS_PER_NODE
+        before = store / GIB if config.kl_scope == "full_vocab" else None  # the old check covered full_vocab only
+        table.append((name, before, estimate.phase_bytes(ALWAYS) / GIB, estimate.phase_bytes(WHILE_ASLEEP) / GIB,
+                      estimate.phase_bytes(WHILE_TRAINING) / GIB, estimate.peak_bytes / GIB))
+    return table
+
+
+def markdown() -> str:
+    lines = ["| recipe | before (checked) | held throughout | while asleep | teacher pass to end of training | "
+             "after: peak |", "|---|---|---|---|---|---|"]
+    for name, before, always, asleep, training, peak in rows():
+        checked = "not checked" if before is None else f"{before:.1f} GiB"
+        lines.append(f"| {name} | {checked} | {always:.1f} GiB | {asleep:.1f} GiB | {training:.1f} GiB | "
+                     f"{peak:.1f} GiB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    shard = megatron_shard(TP, **QWEN3_8B)
+    print(f"Qwen3-8B, TP {TP}: {sum(t.numel for t in shard) / 1e9:.3f} B parameters per rank; host memory per node "
+          f"of {GPUS_PER_NODE} ranks, 32 prompts x 8 samples x 8192 tokens:")
+    print(markdown())
