@@ -567,7 +567,7 @@ def install(args: Any) -> None:
     slime_version = slime_compat.verify()
     check_args(args, config)
     spec = TeacherOutputSpec.from_config(config, args.rollout_temperature)
-    for warning in unused_pass_warnings(args):
+    for warning in unused_pass_warnings(args) + config.ineffective_settings(SelfDistillConfig.explicit_settings(args)):
         logger.warning("slime_self_distill: %s", warning)
 
     actor = importlib.import_module(_ACTOR)

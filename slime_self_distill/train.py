@@ -531,7 +531,13 @@ def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> tuple
     """slime's real ``parse_args`` with the plugin's flags, on ``slime_argv`` (it reads ``sys.argv``); returns the
     parsed args and the names of every argument slime's parsers know."""
     import_slime_from(root)
-    from slime.utils.arguments import parse_args
+    try:
+        from slime.utils.arguments import parse_args
+    except ImportError as error:  # slime's parser imports Megatron-LM's megatron.training and SGLang
+        raise LaunchError(
+            f"slime's argument parser cannot be imported ({error}); put Megatron-LM on PYTHONPATH (slime's image "
+            "keeps it at /root/Megatron-LM) and install slime's dependencies"
+        ) from None
 
     saved = sys.argv
     sys.argv = [str(root / ENTRY_SCRIPTS[entry]), *slime_argv]
@@ -570,6 +576,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
         data_summary = check_prompt_data(plan)
         try:
             root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
+            args, slime_keys = parse_slime_args(root, plan.slime_argv, options.slime_entry)  # sets slime's logging
         except LaunchError as missing:
             if not options.check_only:
                 raise
@@ -577,7 +584,6 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
                   + (f"; {data_summary}" if data_summary else ""))
             _say(f"slime's own arguments were not checked: {missing}")
             return 0
-        args, slime_keys = parse_slime_args(root, plan.slime_argv, options.slime_entry)  # configures slime's logging
         check_recipe_slime_keys(plan.recipe, plan.recipe_path, slime_keys)
         config = validate_parsed_args(args)
         entry = load_entry_module(root, options.slime_entry)

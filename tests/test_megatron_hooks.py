@@ -209,6 +209,20 @@ def test_teacher_pass_equals_brute_force_on_the_teacher_sequences(slime_cpu, sco
 
 
 @needs_slime
+def test_install_warns_of_an_unused_student_pass_and_knobs_without_effect(slime_cpu, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="slime_self_distill.megatron_hooks"):
+        megatron_hooks.install(make_args(self_distill_kl_scope="sampled_token", self_distill_topk=7))
+    assert "the self-distillation loss never reads them; pass --use-rollout-logprobs" in caplog.text
+    assert "--self-distill-topk has no effect: --self-distill-kl-scope is sampled_token" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slime_self_distill.megatron_hooks"):
+        megatron_hooks.install(make_args(self_distill_kl_scope="sampled_token", use_rollout_logprobs=True))
+    assert caplog.text == ""
+
+
+@needs_slime
 def test_student_and_reference_passes_are_untouched(slime_cpu):
     args = make_args(**SCOPE_ARGS["topk"])
     model, rollout = TinyCausalLM(), make_rollout(12)

@@ -577,3 +577,28 @@ def test_check_only_refuses_a_file_slime_cannot_read(tmp_path, monkeypatch, caps
     assert "does not exist" in capsys.readouterr().err
     assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [GOOD_ROW], "rows.json")) == 2
     assert "slime reads only .jsonl and .parquet" in capsys.readouterr().err
+
+
+def test_check_only_where_slimes_parser_cannot_be_imported(tmp_path, monkeypatch, capsys):
+    """A CPU machine with a slime checkout but without Megatron-LM: the plugin's checks still run."""
+    checkout = make_checkout(tmp_path / "slime_checkout")
+    utils = checkout / "slime" / "utils"
+    utils.mkdir()
+    (utils / "__init__.py").write_text("")
+    (utils / "arguments.py").write_text("import megatron.training.nowhere\n")
+    monkeypatch.setattr(launcher, "import_slime_from", lambda root: None)
+    monkeypatch.syspath_prepend(str(checkout))
+    real_slime = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "slime"}
+    for name in real_slime:
+        del sys.modules[name]
+    try:
+        argv = ["--check-only", "--ref-load", "/c", "--prompt-data", prompt_file(tmp_path, [GOOD_ROW])]
+        assert launcher.main(argv, environ={"SLIME_ROOT": str(checkout)}) == 0
+        captured = capsys.readouterr()
+        assert "1 rows OK" in captured.out
+        assert "slime's argument parser cannot be imported" in captured.err and "Megatron-LM" in captured.err
+        assert launcher.main(argv[1:], environ={"SLIME_ROOT": str(checkout)}) == 2  # training needs the parser
+    finally:  # the stand-in checkout's modules go, the real slime comes back
+        for name in [name for name in sys.modules if name.split(".")[0] == "slime"]:
+            del sys.modules[name]
+        sys.modules.update(real_slime)
