@@ -104,11 +104,11 @@ def main(argv=None) -> int:
     def cross_entropy():
         backward(F.cross_entropy(logits.float(), sampled, reduction="sum"))
 
-    def ours(scope, divergence):
+    def ours(scope, divergence, term_clip=None):
         def step():
             if scope == "full_vocab":
                 out = full_vocab_divergence(logits, sampled, teacher_log_probs, divergence=divergence, alpha=0.5,
-                                           chunk_size=args.chunk_size)
+                                           chunk_size=args.chunk_size, term_clip=term_clip)
             elif scope == "topk":
                 out = topk_divergence(logits, sampled, teacher_topk_values, teacher_topk_ids, divergence=divergence,
                                       alpha=0.5, chunk_size=args.chunk_size)
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     cases = [(f"{scope} {div}", ours(scope, div), scope)
              for scope in ("full_vocab", "topk", "sampled_token")
              for div in ("forward_kl", "reverse_kl", "alpha_js")]
+    # OPSD's per-entry clamp of the forward KL (--self-distill-vocab-term-clip)
+    cases.insert(3, ("full_vocab forward_kl clamp 0.05", ours("full_vocab", "forward_kl", 0.05), "full_vocab"))
     if not args.no_trl:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         try:

@@ -108,6 +108,23 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             f"--overlap-param-gather, or use {flag_name('ema_update_interval')} rollout (slime gathers the "
             "parameters at the end of each rollout's training)"
         )
+    if getattr(args, "use_critic", False):
+        raise ConfigError(
+            "--advantage-estimator ppo trains a critic (a value model) that the self-distillation loss never uses, "
+            "and the critic's actors do not load the teacher; use another --advantage-estimator (e.g. grpo)"
+        )
+    if getattr(args, "use_rollout_logprobs", False):
+        if getattr(args, "use_routing_replay", False) and not getattr(args, "use_rollout_routing_replay", False):
+            raise ConfigError(
+                "--use-rollout-logprobs skips slime's student log-prob pass, which records the expert routing that "
+                "--use-routing-replay replays in training (the first training step would fail); drop "
+                "--use-rollout-logprobs or record the routing in the rollout with --use-rollout-routing-replay"
+            )
+        if getattr(args, "log_correct_samples", False):
+            raise ConfigError(
+                "--log-correct-samples reads the student log-probs that --use-rollout-logprobs stops slime from "
+                "computing (slime would fail in its rollout metrics); drop one of them"
+            )
     if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
         raise ConfigError(
             "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
@@ -427,10 +444,15 @@ class LoadedCheckpoint:
 
     @property
     def resumes_a_run(self) -> bool:
-        """A Megatron checkpoint loaded without --finetune: slime continues the run that saved it."""
+        """A Megatron checkpoint saved by a run (not a converted "release" one) loaded without --finetune: slime
+        continues the run that saved it."""
         if self.finetune or not self.load:
             return False
-        return os.path.isfile(os.path.join(checkpoint_root(self.load), "latest_checkpointed_iteration.txt"))
+        tracker = os.path.join(checkpoint_root(self.load), "latest_checkpointed_iteration.txt")
+        if not os.path.isfile(tracker):
+            return False
+        with open(tracker) as handle:
+            return handle.read().strip() != "release"  # slime's converter writes "release": a start, not a resume
 
 
 def model_parallel_shard() -> str:
@@ -450,6 +472,21 @@ def _all_ranks(value: Any) -> list:
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def _on_every_rank_or_none(work: Callable[[], Any]) -> Any:
+    """``work()`` on every training rank; if it fails on any rank, every rank raises, naming the failures (instead of
+    the others waiting in their next collective until the timeout). Also a barrier."""
+    try:
+        result, failure = work(), None
+    except Exception as error:  # noqa: BLE001 - reported on every rank below, re-raised here
+        result, failure = None, error
+    failures = [f for f in _all_ranks(None if failure is None else f"rank {dist.get_rank()}: {failure}") if f]
+    if failure is not None:
+        raise failure
+    if failures:
+        raise RuntimeError(f"another training rank failed: {'; '.join(failures)}")
+    return result
 
 
 @dataclass
@@ -490,7 +527,8 @@ class Installation:
             shadow = None
             if self.loaded is not None and self.loaded.resumes_a_run:
                 directory = ema_checkpoint_dir(self.loaded.load, self.loaded.iteration)
-                shadow = load_ema_shadow(directory, self.ema_shard, {name: tuple(t.shape) for name, t in tensors})
+                shadow = _on_every_rank_or_none(lambda: load_ema_shadow(
+                    directory, self.ema_shard, {name: tuple(t.shape) for name, t in tensors}))
                 logger.info("slime_self_distill: EMA teacher restored from %s", directory)
             self.ema = EmaTeacher(
                 backuper=backuper, source_getter=source_getter, ema_rate=self.config.ema_rate,
@@ -532,11 +570,8 @@ class Installation:
         if self.ema is None:
             return
         directory = ema_checkpoint_dir(self.args.save, iteration)
-        if self.writes_ema_shard:
-            save_ema_shadow(self.ema.shadow, directory, self.ema_shard)
-        from slime.utils.distributed_utils import get_gloo_group
-
-        dist.barrier(group=get_gloo_group())
+        _on_every_rank_or_none(
+            lambda: save_ema_shadow(self.ema.shadow, directory, self.ema_shard) if self.writes_ema_shard else None)
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:

@@ -67,10 +67,12 @@ PLUGIN_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("--input-key", "prompt"),
 )
 # The loss never reads slime's recomputed student log-probs: --use-rollout-logprobs skips that forward pass (slime
-# then takes SGLang's log-probs wherever it needs old log-probs). Not with --use-tis (slime refuses the pair) or
-# --get-mismatch-metrics (which recomputes them on purpose).
+# then takes SGLang's log-probs wherever it needs old log-probs). Not with the flags that need the pass: --use-tis
+# (slime refuses the pair), --get-mismatch-metrics (recomputes them on purpose), --use-routing-replay (the pass
+# records the routing that training replays; --use-rollout-routing-replay records it in the rollout instead) and
+# --log-correct-samples (slime's metric reads the recomputed log-probs).
 USE_ROLLOUT_LOGPROBS_FLAG = "--use-rollout-logprobs"
-KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics")
+KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics", "--use-routing-replay", "--log-correct-samples")
 # slime's default --opd-kl-coef is 1.0, which megatron_hooks.check_args refuses when --use-opd only loads the
 # frozen teacher checkpoint; 0 is the only accepted value, so it is filled in with --use-opd unless given.
 OPD_KL_COEF_FLAG = "--opd-kl-coef"
@@ -178,7 +180,9 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
     for flag, value in PLUGIN_DEFAULTS:
         if flag not in present:
             filled.append([flag, value])
-    if USE_ROLLOUT_LOGPROBS_FLAG not in present and not present & set(KEEPS_STUDENT_PASS_FLAGS):
+    needs_student_pass = present & set(KEEPS_STUDENT_PASS_FLAGS) - {"--use-routing-replay"} or (
+        "--use-routing-replay" in present and "--use-rollout-routing-replay" not in present)
+    if USE_ROLLOUT_LOGPROBS_FLAG not in present and not needs_student_pass:
         filled.append([USE_ROLLOUT_LOGPROBS_FLAG])
     uses_opd = USE_OPD_FLAG in present
     if config.teacher == "frozen" and not uses_opd:
@@ -361,14 +365,23 @@ def actor_data_parallel_size(args: Any) -> int:
 
 def validate_parsed_args(args: Any) -> SelfDistillConfig:
     """The training actors' own start-up checks, run once on the driver before any actor exists (the host-memory
-    check of the actors needs their parameters; here, only the teacher store is checked, as a lower bound)."""
+    check of the actors needs their parameters; here, only the teacher store, a lower bound, against the launcher
+    node's memory: a warning, or an error with --self-distill-host-memory-budget-gb)."""
     from slime_self_distill.megatron_hooks import check_args, check_teacher_store
 
     config = SelfDistillConfig.from_args(args)
     check_args(args, config)
     if getattr(args, "debug_rollout_only", False):  # no training actors, no teacher store
         return config
-    check_teacher_store(args, config, actor_data_parallel_size(args))
+    dp_size = actor_data_parallel_size(args)
+    try:
+        check_teacher_store(args, config, dp_size)
+    except ConfigError as over:
+        if config.host_memory_budget_gb is not None:  # a budget the user stated holds wherever the launcher runs
+            raise
+        # measured on the launcher's node, which need not be a training node: the actors decide, on their nodes
+        _say(f"warning: {over}\n(measured on the node that runs the launcher; the training actors check every "
+             "node's memory when they start)")
     return config
 
 

@@ -120,6 +120,25 @@ def test_resuming_an_ema_run_from_a_checkpoint_without_its_shadow_is_refused(wor
     assert isinstance(megatron_hooks.current_installation().ema, EmaTeacher)
 
 
+def test_an_ema_run_may_start_from_a_converted_release_checkpoint(world, monkeypatch, tmp_path):
+    """slime's converter writes "release" into latest_checkpointed_iteration.txt; slime loads it as --load without
+    --finetune (iteration 0): a start, with a new EMA, not a resume."""
+    import os
+
+    from tests.slime_actor_harness import TRACKER
+
+    converted = str(tmp_path / "converted")
+    write_checkpoint(converted, 0, TinyCausalLM(vocab_size=24, seed=5))
+    with open(os.path.join(converted, TRACKER), "w") as tracker:
+        tracker.write("release")
+    os.rename(os.path.join(converted, "iter_0000000"), os.path.join(converted, "release"))
+    args = ema_args(tmp_path, load=converted, finetune=False)
+    monkeypatch.setattr("tests.slime_actor_harness.read_checkpoint", lambda path, finetune: (
+        torch.load(os.path.join(path, "release", "model.pt"), weights_only=True), 0))
+    run = start_actor(monkeypatch, args)
+    assert same(megatron_hooks.current_installation().ema.shadow, {k: v.float() for k, v in run.weights().items()})
+
+
 # ---------------------------------------------------------------------- what the rollout engine receives
 @pytest.mark.parametrize("colocate", [False, True])
 def test_the_rollout_engine_never_receives_a_teachers_weights(world, monkeypatch, tmp_path, colocate):

@@ -548,6 +548,19 @@ def _ema_shard_worker(rank, port, save_dir):
             assert shards[0] != shards[1] and installation.writes_ema_shard
         megatron_hooks.uninstall()
         mpu.destroy_model_parallel()
+    # a write that fails on one rank stops every rank at once, naming it (no rank waits for the timeout)
+    mpu.initialize_model_parallel(tensor_model_parallel_size=2)
+    megatron_hooks.install(make_args(self_distill_teacher="ema", tensor_model_parallel_size=2,
+                                     save=os.path.join(save_dir, "failing")))
+    model = TinyCausalLM(seed=rank)
+    tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)
+    if rank == 0:
+        megatron_hooks.save_ema_shadow = lambda *args: (_ for _ in ()).throw(OSError("disk full"))
+    expected = OSError if rank == 0 else RuntimeError
+    with pytest.raises(expected, match="disk full"):
+        megatron_hooks.current_installation().save_ema(4)
+    megatron_hooks.uninstall()
+    mpu.destroy_model_parallel()
     destroy_gloo()
 
 

@@ -327,6 +327,9 @@ def test_parsed_args_pass_and_return_the_config():
         (dict(self_distill_kl_scope="full_vocab", rollout_max_response_len=None), "--rollout-max-response-len"),
         (dict(actor_num_gpus_per_node=6, tensor_model_parallel_size=4), "not divisible by TP x PP x CP = 4"),
         (dict(self_distill_topk="20"), "--self-distill-topk"),  # a YAML string where an int belongs
+        (dict(use_critic=True), "trains a critic"),
+        (dict(use_rollout_logprobs=True, use_routing_replay=True), "--use-routing-replay replays in training"),
+        (dict(use_rollout_logprobs=True, log_correct_samples=True), "--log-correct-samples reads the student"),
     ],
 )
 def test_parsed_args_errors_name_the_flag(overrides, flag):
@@ -357,6 +360,26 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
         validate_parsed_args(args)
     args.debug_rollout_only = True  # no training actors: nothing is stored
     assert validate_parsed_args(args).kl_scope == "full_vocab"
+
+
+def test_without_a_budget_the_launcher_node_only_warns(monkeypatch, capsys):
+    """The launcher's node need not be a training node: its memory decides nothing unless a budget is given."""
+    from slime_self_distill import host_memory
+
+    monkeypatch.setattr(host_memory, "available_host_memory_bytes", lambda: 1 << 20)
+    args = parsed_args(self_distill_kl_scope="full_vocab")
+    assert validate_parsed_args(args).kl_scope == "full_vocab"
+    err = capsys.readouterr().err
+    assert "warning: the training ranks would keep more in host memory" in err and "node that runs the launcher" in err
+
+
+def test_flags_that_need_slimes_student_pass_keep_it():
+    def filled(*argv):
+        return "--use-rollout-logprobs" in fill_plugin_defaults(list(argv), LIVE)[0]
+
+    assert filled("--use-rollout-routing-replay") and filled("--use-routing-replay", "--use-rollout-routing-replay")
+    assert not filled("--use-routing-replay")  # the student pass records the routing training replays
+    assert not filled("--log-correct-samples")  # slime's metric reads the recomputed log-probs
 
 
 # ---------------------------------------------------------------------- against slime's real argument code
