@@ -59,6 +59,12 @@ SAVE_INTERVAL="${SAVE_INTERVAL:-20}"
 [[ -f "${SELF_DISTILL_CONFIG}" ]] || { echo "SELF_DISTILL_CONFIG ${SELF_DISTILL_CONFIG} does not exist (see configs/)" >&2; exit 1; }
 # The Ray job may run in another working directory: pass an absolute path.
 SELF_DISTILL_CONFIG="$(cd -- "$(dirname -- "${SELF_DISTILL_CONFIG}")" && pwd)/$(basename -- "${SELF_DISTILL_CONFIG}")"
+# The same for every path the job reads or writes (a relative one would resolve in the job's directory).
+for path_variable in HF_CHECKPOINT REF_LOAD SAVE LOAD PROMPT_DATA; do
+  if [[ "${!path_variable}" != /* ]]; then
+    printf -v "${path_variable}" '%s/%s' "${PWD}" "${!path_variable}"
+  fi
+done
 # slime scores every rollout; the reward is logged, the self-distillation loss does not use it.
 if [[ -n "${CUSTOM_RM_PATH:-}" ]]; then
   REWARD_ARGS=(--custom-rm-path "${CUSTOM_RM_PATH}")

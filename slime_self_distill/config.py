@@ -226,6 +226,12 @@ class SelfDistillConfig:
         """``{'self_distill_<name>': value}``: the YAML keys / ``args`` attributes of this configuration."""
         return {ARG_PREFIX + k: v for k, v in dataclasses.asdict(self).items()}
 
+    def describe(self) -> str:
+        """The settings that differ from the defaults, as ``name=value`` (for start-up lines)."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return ", ".join(changed) or "all defaults"
+
     @staticmethod
     def explicit_settings(args: Any) -> set:
         """The knobs ``args`` sets (flags given or YAML keys), as field names."""

@@ -146,6 +146,7 @@ class PromptDataReport:
     rows: int = 0
     without_teacher: int = 0  # rows kept for rollout without a teacher (--self-distill-missing-teacher exclude)
     problems: list = field(default_factory=list)  # (row number, problem)
+    longest_teacher_prompt: Optional[int] = None  # tokens, when the teacher prompts were encoded
 
 
 def split_row_slice(path: str) -> tuple[str, Optional[slice]]:
@@ -213,7 +214,8 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
         return f"--input-key {keys.input_key!r} holds chat messages, which slime renders only with --apply-chat-template", False
     if keys.label_key is not None and keys.label_key not in row:
         return (f"--label-key {keys.label_key!r} is missing (the row's columns: {sorted(row)}); slime reads it for the "
-                "reward"), False
+                "reward: prepare the file with prepare_dataset --label-key <the label column> (it stays at the top "
+                "level), or score without labels (--rm-type random, no --label-key)"), False
     if keys.tool_key is not None and row.get(keys.tool_key) is not None:
         tools = row[keys.tool_key]
         try:
@@ -235,12 +237,32 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
             f"slime_self_distill.prepare_dataset, or pass {flag_name('missing_teacher')} exclude)"), False
 
 
-def check_prompt_data(path: str, keys: PromptDataKeys, config: SelfDistillConfig) -> PromptDataReport:
-    """Every row of ``--prompt-data`` through the checks slime's ``Dataset`` and this data source apply."""
+def check_prompt_data(path: str, keys: PromptDataKeys, config: SelfDistillConfig,
+                      teacher_prompt_tokens: Optional[Callable[[Any, Any], int]] = None) -> PromptDataReport:
+    """Every row of ``--prompt-data`` through the checks slime's ``Dataset`` and this data source apply.
+
+    ``teacher_prompt_tokens(teacher_prompt, tools)``: the length of a teacher prompt rendered and encoded as the data
+    source and the converter do; given, every teacher prompt is rendered, and one over
+    ``--self-distill-max-teacher-prompt-len`` under ``--self-distill-teacher-overflow error`` (which would stop the
+    rollout that draws it) is a problem."""
     report = PromptDataReport()
+    budget = config.max_teacher_prompt_len if config.teacher_overflow == "error" else None
     for number, row in read_prompt_rows(path):
         report.rows += 1
         problem, has_teacher = prompt_row_problem(row, keys, config)
+        if problem is None and has_teacher and teacher_prompt_tokens is not None:
+            tools = row.get(keys.tool_key) if keys.tool_key else None
+            try:
+                length = teacher_prompt_tokens(row[keys.metadata_key][config.teacher_prompt_key],
+                                               json.loads(tools) if isinstance(tools, str) else tools)
+            except Exception as error:  # noqa: BLE001 - the chat template's own error, reported for the row
+                problem = f"the teacher prompt does not render with the chat template: {error}"
+            else:
+                report.longest_teacher_prompt = max(report.longest_teacher_prompt or 0, length)
+                if budget is not None and length > budget:
+                    problem = (f"the teacher prompt has {length} tokens, over {flag_name('max_teacher_prompt_len')}="
+                               f"{budget} (the rollout that draws it would stop); raise it, or set "
+                               f"{flag_name('teacher_overflow')} drop or truncate_demonstration")
         if problem is not None:
             report.problems.append((number, problem))
         elif not has_teacher:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import contextlib
 import difflib
 import functools
@@ -757,6 +758,9 @@ def load_tokenizer(path: str):
         from transformers import AutoTokenizer
     except ImportError:
         raise UsageError("--tokenizer needs the 'transformers' package (pip install transformers)") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"--tokenizer {path!r} is not a directory; give a local Hugging Face checkpoint directory "
+                         "(its tokenizer files), as slime's --hf-checkpoint")
     try:
         # trust_remote_code as slime's own load_tokenizer does for --hf-checkpoint
         return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
@@ -876,10 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "string, or a literal format string with {prompt} only; default: the prompt as it is")
     p.add_argument("--template", default="sdft",
                    help=f"teacher template: a name ({', '.join(TEMPLATES)}), a file holding a format string, or a "
-                   f"literal format string with {{prompt}} and {{demonstration}}")
+                   f"literal format string with {{prompt}} and {{demonstration}}; default 'sdft'")
     p.add_argument("--metadata-key", default="metadata",
                    help="the output's metadata column (slime's --metadata-key); an input column of that name is "
-                   "merged into it")
+                   "merged into it; default 'metadata'")
     p.add_argument("--teacher-prompt-key", default=defaults.teacher_prompt_key,
                    help="metadata key of the teacher prompt (--self-distill-teacher-prompt-key)")
     p.add_argument("--keep-columns", choices=("metadata", "top_level"), default="metadata",
@@ -928,6 +932,8 @@ def resolve_column_flags(args: argparse.Namespace) -> list:
 def _check_args(args: argparse.Namespace) -> tuple[str, Optional[str]]:
     """The loaded teacher and student templates; UsageError for inconsistent flags."""
     if os.path.splitext(args.output)[1].lower() not in OUTPUT_FORMATS:
+        if os.path.isdir(args.output):
+            raise UsageError(f"--output {args.output!r} is a directory; give a file path ending in .jsonl or .parquet")
         raise UsageError(f"--output {args.output!r}: slime reads only {' and '.join(OUTPUT_FORMATS)} files")
     kwargs = args.apply_chat_template_kwargs
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -1034,7 +1040,9 @@ def run(args: argparse.Namespace) -> int:
                 over = stats.over_budget
                 listed = ", ".join(f"row {n} ({length})" for n, length in over[:MAX_LISTED])
                 print(f"teacher prompts over {args.max_teacher_prompt_len} tokens: {len(over)} of {len(good)}"
-                      + (f"; first: {listed}" if over else ""))
+                      + (f"; first: {listed}. In training, --self-distill-max-teacher-prompt-len with "
+                         "--self-distill-teacher-overflow error stops at them; drop or truncate_demonstration handles "
+                         "them" if over else ""))
                 if over and args.fail_on_over_budget:
                     print(f"nothing written to {args.output} (--fail-on-over-budget)", file=sys.stderr)
                     return EXIT_BAD_DATA
@@ -1062,7 +1070,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [option for action in parser._actions for option in action.option_strings]
+        hints = [f"{token} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            token.split("=")[0], flags, n=1, cutoff=0.6)) else token for token in unknown if token.startswith("-")]
+        parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
     try:
         return run(args)
     except UsageError as e:

@@ -81,6 +81,7 @@ REF_LOAD_FLAG = "--ref-load"
 CUSTOM_CONFIG_FLAG = "--custom-config-path"
 RECIPE_SLIME_ARGS_KEY = "slime_args"  # recipe key: slime flags put before the command line's
 ENTRY_SCRIPTS = {"train": "train.py", "train_async": "train_async.py"}
+PARSER_IMPORT_FAILURE = "slime's argument parser cannot be imported"
 SLIME_ROOT_ENV = "SLIME_ROOT"
 
 SELF_DISTILL_FLAGS = tuple(flag_name(f.name) for f in dataclasses.fields(SelfDistillConfig))
@@ -218,7 +219,7 @@ def check_self_distill_flags(argv: Sequence[str]) -> None:
         if not (flag.lower().replace("_", "-").startswith("--self") or near_miss):
             continue
         closest = near_miss or _closest_self_distill_flag(flag, cutoff=0.6)
-        hint = f"did you mean {closest}? " if closest else ""
+        hint = f"Did you mean {closest}? " if closest else ""
         raise ConfigError(
             f"unknown flag {flag}: slime's parser would silently ignore it. {hint}"
             f"Valid self-distillation flags: {', '.join(SELF_DISTILL_FLAGS)}"
@@ -390,7 +391,8 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
 # slime applies last.
 PROMPT_DATA_FLAGS = (("--prompt-data", "prompt_data", None), ("--input-key", "input_key", "input"),
                      ("--metadata-key", "metadata_key", "metadata"), ("--label-key", "label_key", None),
-                     ("--tool-key", "tool_key", "tools"))
+                     ("--tool-key", "tool_key", "tools"), ("--hf-checkpoint", "hf_checkpoint", None),
+                     ("--apply-chat-template-kwargs", "apply_chat_template_kwargs", None))
 MAX_LISTED_ROWS = 20
 
 
@@ -405,10 +407,13 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
         values[key] = plan.recipe[key] if key in plan.recipe else default if given is None else given
     path = values.pop("prompt_data")
     if path is None:
-        return None
-    keys = PromptDataKeys(apply_chat_template=bool(plan.recipe.get(
-        "apply_chat_template", "--apply-chat-template" in given_flags(plan.slime_argv))), **values)
-    report = check_rows(path, keys, plan.config)
+        return "no --prompt-data: no data checked"
+    apply_chat_template = bool(plan.recipe.get("apply_chat_template",
+                                               "--apply-chat-template" in given_flags(plan.slime_argv)))
+    tokens, rendering = teacher_prompt_counter(values.pop("hf_checkpoint"), apply_chat_template,
+                                               values.pop("apply_chat_template_kwargs"), plan.config)
+    keys = PromptDataKeys(apply_chat_template=apply_chat_template, **values)
+    report = check_rows(path, keys, plan.config, tokens)
     if report.problems:
         listing = "\n".join(f"  row {number}: {problem}" for number, problem in report.problems[:MAX_LISTED_ROWS])
         raise SelfDistillDataError(
@@ -418,7 +423,38 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     if not report.rows:
         raise SelfDistillDataError(f"--prompt-data {path} has no rows")
     excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
-    return f"--prompt-data {path}: {report.rows} rows OK{excluded}"
+    if report.longest_teacher_prompt is not None:
+        rendering = f"teacher prompts rendered and encoded: up to {report.longest_teacher_prompt} tokens"
+    return f"--prompt-data {path}: {report.rows} rows OK{excluded}; {rendering}"
+
+
+def teacher_prompt_counter(hf_checkpoint: Optional[str], apply_chat_template: bool, chat_template_kwargs: Any,
+                           config: SelfDistillConfig):
+    """(``count(teacher_prompt, tools)`` or None, what the summary says when none): the teacher prompts are rendered
+    and encoded with ``--hf-checkpoint``'s tokenizer, as the data source and the converter will, when it is a local
+    directory that loads."""
+    import json
+
+    from slime_self_distill.templates import render_prompt
+
+    if not hf_checkpoint or not os.path.isdir(hf_checkpoint):
+        return None, "teacher prompts not rendered (no local --hf-checkpoint directory)"
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint, trust_remote_code=True)
+    except Exception as error:  # noqa: BLE001 - any load failure only means the prompts are not measured
+        return None, f"teacher prompts not rendered (the tokenizer of {hf_checkpoint} does not load: {error})"
+    kwargs = config.teacher_chat_template_kwargs
+    if kwargs is None and chat_template_kwargs is not None:
+        kwargs = json.loads(chat_template_kwargs) if isinstance(chat_template_kwargs, str) else chat_template_kwargs
+
+    def count(teacher_prompt, tools) -> int:
+        text = render_prompt(teacher_prompt, tokenizer, apply_chat_template=apply_chat_template,
+                             apply_chat_template_kwargs=kwargs, tools=tools)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    return count, ""
 
 
 def add_custom_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -548,8 +584,8 @@ def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> tuple
         from slime.utils.arguments import parse_args
     except ImportError as error:  # slime's parser imports Megatron-LM's megatron.training and SGLang
         raise LaunchError(
-            f"slime's argument parser cannot be imported ({error}); put Megatron-LM on PYTHONPATH (slime's image "
-            "keeps it at /root/Megatron-LM) and install slime's dependencies"
+            f"{PARSER_IMPORT_FAILURE} ({error}); put Megatron-LM on PYTHONPATH (slime's image keeps it at "
+            "/root/Megatron-LM; the run script adds $MEGATRON_LM_PATH) and install slime's dependencies"
         ) from None
 
     saved = sys.argv
@@ -587,14 +623,16 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
         for warning in plan.warnings:
             _say(f"warning: {warning}")
         data_summary = check_prompt_data(plan)
+        explicit_root = options.slime_root is not None or SLIME_ROOT_ENV in environ
         try:
             root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
             args, slime_keys = parse_slime_args(root, plan.slime_argv, options.slime_entry)  # sets slime's logging
         except LaunchError as missing:
-            if not options.check_only:
+            # --check-only without a usable slime still checks the plugin; a slime checkout named by hand must work
+            if not options.check_only or (explicit_root and not str(missing).startswith(PARSER_IMPORT_FAILURE)):
                 raise
-            print(f"slime_self_distill.train: self-distillation settings OK ({plan.config})"
-                  + (f"; {data_summary}" if data_summary else ""))
+            print(f"slime_self_distill.train: self-distillation settings OK ({plan.config.describe()}); "
+                  f"{data_summary}")
             _say(f"slime's own arguments were not checked: {missing}")
             return 0
         check_recipe_slime_keys(plan.recipe, plan.recipe_path, slime_keys)
@@ -607,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
         logger.info("slime_self_distill: filled in %s", filled)
     logger.info("slime_self_distill: %s", config)
     if options.check_only:
-        print(f"slime_self_distill.train: arguments OK ({config})" + (f"; {data_summary}" if data_summary else ""))
+        print(f"slime_self_distill.train: arguments OK ({config.describe()}); {data_summary}")
         return 0
     entry.train(args)
     return 0

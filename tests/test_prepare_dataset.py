@@ -466,7 +466,7 @@ def test_pending_outputs_create_directories_and_remove_them_when_nothing_is_comm
     (["--template", "{prompt} {x} {demonstration}"], r"field \{x\} is not allowed"),
     (["--max-teacher-prompt-len", "5"], "needs --tokenizer"),
     (["--apply-chat-template-kwargs", "[1]"], "must be a JSON object"),
-    (["--tokenizer", "/no/such/tokenizer"], "does not load as a Hugging Face tokenizer"),
+    (["--tokenizer", "/no/such/tokenizer"], "is not a directory; give a local Hugging Face checkpoint"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, extra, message):
     write_json_lines(tmp_path / "in.jsonl")
@@ -1164,3 +1164,18 @@ def test_slime_renders_the_official_student_and_teacher_prompts(tmp_path, capsys
             sample_description="test")
         assert sample.metadata[PLUGIN_METADATA_KEY][TEACHER_PROMPT_TEXT_KEY] == tok.apply_chat_template(
             teacher, tokenize=False, add_generation_prompt=True)
+
+
+def test_usage_mistakes_name_the_fix(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "demonstration": "d"}])
+    (tmp_path / "outdir").mkdir()
+    code, _, err = run(capsys, "--input", source, "--output", tmp_path / "outdir")
+    assert code == 2 and "is a directory; give a file path ending in .jsonl or .parquet" in err
+    code, _, err = run(capsys, "--input", source, "--output", tmp_path / "o.jsonl", "--tokenizer", tmp_path / "none")
+    assert code == 2 and "--tokenizer" in err and "is not a directory; give a local Hugging Face checkpoint" in err
+    code, _, err = run(capsys, "--input", source, "--output", tmp_path / "o.jsonl", "--tokenizer", tmp_path / "outdir")
+    assert code == 2 and "does not load as a Hugging Face tokenizer" in err  # a directory without tokenizer files
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(source), "--output", str(tmp_path / "o.jsonl"), "--demonstraton-column", "d"])
+    assert exit_info.value.code == 2
+    assert "--demonstraton-column (did you mean --demonstration-column?)" in capsys.readouterr().err

@@ -121,7 +121,7 @@ def test_misspelt_flag_is_named_with_the_closest_flag(typo, suggestion):
         check_self_distill_flags(["--lr", "1e-6", typo, "x"])
     message = str(error.value)
     assert f"unknown flag {typo.split('=')[0]}" in message
-    assert f"did you mean {suggestion}?" in message
+    assert f"Did you mean {suggestion}?" in message
 
 
 def test_unrelated_and_valid_flags_pass_the_flag_check():
@@ -266,7 +266,7 @@ def test_main_reports_a_bad_flag_before_importing_slime(tmp_path, capsys):
     rc = launcher.main(["--self-distill-kl-scop", "topk", "--lr", "1e-6"], environ={"SLIME_ROOT": str(checkout)})
     assert rc == 2
     err = capsys.readouterr().err
-    assert "error: unknown flag --self-distill-kl-scop" in err and "did you mean --self-distill-kl-scope?" in err
+    assert "error: unknown flag --self-distill-kl-scop" in err and "Did you mean --self-distill-kl-scope?" in err
 
 
 def test_main_reports_a_missing_slime(tmp_path, capsys, monkeypatch):
@@ -436,7 +436,7 @@ def test_misspelt_flag_is_silently_ignored_by_slimes_parser_but_refused_by_the_l
     args, unknown = slime_parser().parse_known_args(argv)
     assert unknown == ["--self-distill-ema-rat", "0.5"]  # what ignore_unknown_args=True would drop
     assert args.self_distill_ema_rate is None
-    with pytest.raises(ConfigError, match="did you mean --self-distill-ema-rate?"):
+    with pytest.raises(ConfigError, match="Did you mean --self-distill-ema-rate?"):
         check_self_distill_flags(argv)
 
 
@@ -563,7 +563,7 @@ def test_check_only_without_slime_checks_the_settings_and_every_row(tmp_path, mo
     assert f"--prompt-data {data}: 3 rows OK" in captured.out
     assert "slime's own arguments were not checked" in captured.err
     assert check_only(monkeypatch, "--self-distill-kl-scop", "topk") == 2  # the settings are still checked
-    assert "did you mean --self-distill-kl-scope?" in capsys.readouterr().err
+    assert "Did you mean --self-distill-kl-scope?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad_row, message", [
@@ -625,3 +625,44 @@ def test_check_only_where_slimes_parser_cannot_be_imported(tmp_path, monkeypatch
         for name in [name for name in sys.modules if name.split(".")[0] == "slime"]:
             del sys.modules[name]
         sys.modules.update(real_slime)
+
+
+def test_check_only_renders_and_measures_the_teacher_prompts_with_a_local_tokenizer(tmp_path, monkeypatch, capsys):
+    from tests.tokenizer_factory import make_tokenizer, save_tokenizer
+
+    hf = save_tokenizer(tmp_path / "hf")
+    long_row = {"prompt": "2+2?", "metadata": {"teacher_prompt": "2+2? " + "The answer is four. " * 20}}
+    data = prompt_file(tmp_path, [GOOD_ROW, long_row])
+    expected = len(make_tokenizer().encode(make_tokenizer().apply_chat_template(
+        [{"role": "user", "content": long_row["metadata"]["teacher_prompt"]}], tokenize=False,
+        add_generation_prompt=True), add_special_tokens=False))
+    common = ["--prompt-data", data, "--hf-checkpoint", hf, "--apply-chat-template"]
+    assert check_only(monkeypatch, *common) == 0
+    assert f"teacher prompts rendered and encoded: up to {expected} tokens" in capsys.readouterr().out
+    assert check_only(monkeypatch, *common, "--self-distill-max-teacher-prompt-len", str(expected - 1)) == 2
+    err = capsys.readouterr().err
+    assert f"row 2: the teacher prompt has {expected} tokens, over --self-distill-max-teacher-prompt-len=" in err
+    # a policy that handles long prompts: nothing to refuse
+    assert check_only(monkeypatch, *common, "--self-distill-max-teacher-prompt-len", str(expected - 1),
+                      "--self-distill-teacher-overflow", "drop") == 0
+    assert check_only(monkeypatch, "--prompt-data", data) == 0
+    assert "teacher prompts not rendered (no local --hf-checkpoint directory)" in capsys.readouterr().out
+
+
+def test_check_only_reports_the_settings_that_differ_and_refuses_a_wrong_slime_checkout(tmp_path, monkeypatch,
+                                                                                        capsys):
+    assert check_only(monkeypatch, "--self-distill-kl-scope", "topk", "--self-distill-topk", "20") == 0
+    out = capsys.readouterr().out
+    assert "settings OK (kl_scope=topk, topk=20); no --prompt-data: no data checked" in out
+    assert check_only(monkeypatch, "--slime-root", tmp_path / "nowhere") == 2  # named by hand: it must be right
+    assert "nowhere is not a directory" in capsys.readouterr().err
+    assert SelfDistillConfig().describe() == "all defaults"
+
+
+def test_script_makes_every_path_the_job_uses_absolute(tmp_path):
+    env, log = script_env(tmp_path, PROMPT_DATA="data/train.jsonl@[0:100]", SAVE="ckpt", SKIP_PRECHECK="1")
+    assert run_script(env, cwd=tmp_path).returncode == 0
+    submit = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert flag_value(submit, "--prompt-data") == f"{tmp_path}/data/train.jsonl@[0:100]"
+    assert flag_value(submit, "--save") == flag_value(submit, "--load") == f"{tmp_path}/ckpt"
+    assert flag_value(submit, "--hf-checkpoint") == "/models/hf"  # absolute already: unchanged
