@@ -643,6 +643,10 @@ def install(args: Any) -> None:
 def unused_pass_warnings(args: Any) -> list[str]:
     """slime passes whose results the self-distillation loss never reads."""
     warnings = []
+    needs_student_pass = getattr(args, "log_correct_samples", False) or (
+        getattr(args, "use_routing_replay", False) and not getattr(args, "use_rollout_routing_replay", False))
+    if needs_student_pass:  # routing replay records, --log-correct-samples reads, the student pass
+        return warnings
     if not getattr(args, "use_rollout_logprobs", False) or getattr(args, "get_mismatch_metrics", False):
         warnings.append(
             "slime recomputes the student's log-probabilities in a forward pass every rollout (about a quarter of "

@@ -147,6 +147,24 @@ def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overri
         check_args(args, SelfDistillConfig.from_args(args))
 
 
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (dict(), True),
+        (dict(use_rollout_logprobs=True), False),
+        (dict(use_rollout_logprobs=True, get_mismatch_metrics=True), True),
+        # the student pass records the routing that training replays, or feeds --log-correct-samples: no advice
+        (dict(use_routing_replay=True), False),
+        (dict(use_routing_replay=True, use_rollout_routing_replay=True), True),
+        (dict(log_correct_samples=True), False),
+    ],
+)
+def test_the_unused_student_pass_is_pointed_out_only_when_it_can_be_skipped(overrides, warned):
+    warnings = megatron_hooks.unused_pass_warnings(make_args(**overrides))
+    assert bool(warnings) == warned
+    assert all("--use-rollout-logprobs" in warning for warning in warnings)
+
+
 def test_frozen_checkpoint_teacher_with_opd_kl_off_is_accepted():
     args = make_args(use_opd=True, opd_type="megatron", opd_kl_coef=0.0, self_distill_teacher="frozen")
     check_args(args, SelfDistillConfig.from_args(args))
