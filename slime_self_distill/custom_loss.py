@@ -15,7 +15,7 @@ The computation itself (``per_token_distillation``) needs no slime: the glue onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -166,15 +166,16 @@ def reduce_per_token_loss(
 
 
 # ---------------------------------------------------------------------- slime glue
-_config_cache: dict = {}
+# (args, its config): slime passes one args object per process. The object itself is held and compared, not its
+# id(), which a new object can reuse once the old one is freed (tests build many).
+_config_cache: Optional[tuple[Any, SelfDistillConfig]] = None
 
 
 def _config(args) -> SelfDistillConfig:
-    key = id(args)
-    if key not in _config_cache:
-        _config_cache.clear()  # one args object per process
-        _config_cache[key] = SelfDistillConfig.from_args(args)
-    return _config_cache[key]
+    global _config_cache
+    if _config_cache is None or _config_cache[0] is not args:
+        _config_cache = (args, SelfDistillConfig.from_args(args))
+    return _config_cache[1]
 
 
 def _required_teacher_keys(config: SelfDistillConfig) -> list[str]:

@@ -179,6 +179,18 @@ def _slime_case(per_token: bool, config: SelfDistillConfig):
     return args, batch, logits, prompts, responses, weights
 
 
+def test_the_loss_reads_the_settings_of_the_args_it_is_given():
+    from slime_self_distill.custom_loss import _config
+
+    # A freed args object's id() is often reused by the next one: the settings must follow the object.
+    for scope in ("topk", "full_vocab", "sampled_token", "topk") * 5:
+        args = Namespace(**SelfDistillConfig(kl_scope=scope).to_args_dict())
+        assert _config(args).kl_scope == scope
+        del args
+    args = Namespace(**SelfDistillConfig(kl_scope="topk").to_args_dict())
+    assert _config(args) is _config(args)  # parsed once per args object
+
+
 @pytest.mark.slime
 @pytest.mark.skipif(not SLIME_AVAILABLE, reason=SKIP_REASON)
 @pytest.mark.parametrize("per_token", [False, True])
