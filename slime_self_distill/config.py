@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from slime_self_distill.divergences import DEFAULT_CHUNK_SIZE
 
@@ -273,13 +273,18 @@ def looks_like_a_setting(key: str) -> bool:
     return normalized.startswith("self") or "distil" in normalized
 
 
+def closest_name(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> Optional[str]:
+    """The candidate a misspelt ``name`` most likely means (for "did you mean" hints), or None."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def closest_setting(key: str) -> Optional[str]:
     """The setting key a misspelt or unprefixed key most likely means (``topk`` -> ``self_distill_topk``)."""
     normalized = key.lower().replace("-", "_")
     if ARG_PREFIX + normalized in SETTING_KEYS:
         return ARG_PREFIX + normalized
-    close = difflib.get_close_matches(normalized, sorted(SETTING_KEYS), n=1, cutoff=0.6)
-    return close[0] if close else None
+    return closest_name(normalized, SETTING_KEYS)
 
 
 def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import difflib
 import contextlib
-import difflib
 import functools
 import json
 import os
@@ -58,7 +56,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from slime_self_distill.config import SelfDistillConfig
+from slime_self_distill.config import SelfDistillConfig, closest_name
 from slime_self_distill.templates import (
     STUDENT_TEMPLATES,
     TEMPLATES,
@@ -579,9 +577,9 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str,
 # ------------------------------------------------------------------------------------------ absent columns
 def _suggestion(flag: str, named: str, candidates: list) -> Optional[str]:
     """A column of the file that ``flag`` probably meant: a near spelling of ``named``, else a usual name."""
-    close = difflib.get_close_matches(named, candidates, n=1, cutoff=0.6)
+    close = closest_name(named, candidates)
     if close:
-        return close[0]
+        return close
     return next((name for name in USUAL_COLUMN_NAMES.get(flag, ()) if name in candidates), None)
 
 
@@ -1074,8 +1072,8 @@ def main(argv: Optional[list] = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = [option for action in parser._actions for option in action.option_strings]
-        hints = [f"{token} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-            token.split("=")[0], flags, n=1, cutoff=0.6)) else token for token in unknown if token.startswith("-")]
+        hints = [f"{token} (did you mean {close}?)" if (close := closest_name(token.split("=")[0], flags)) else token
+                 for token in unknown if token.startswith("-")]
         parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
     try:
         return run(args)

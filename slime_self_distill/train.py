@@ -33,7 +33,6 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import difflib
 import importlib.util
 import logging
 import os
@@ -49,6 +48,7 @@ from slime_self_distill.config import (
     ConfigError,
     SelfDistillConfig,
     add_self_distill_arguments,
+    closest_name,
     closest_setting,
     flag_name,
     looks_like_a_setting,
@@ -202,8 +202,7 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
 
 
 def _closest_self_distill_flag(flag: str, cutoff: float) -> Optional[str]:
-    close = difflib.get_close_matches(flag.lower().replace("_", "-"), SELF_DISTILL_FLAGS, n=1, cutoff=cutoff)
-    return close[0] if close else None
+    return closest_name(flag.lower().replace("_", "-"), SELF_DISTILL_FLAGS, cutoff)
 
 
 def check_self_distill_flags(argv: Sequence[str]) -> None:
@@ -296,8 +295,8 @@ def check_recipe_slime_keys(recipe: dict[str, Any], path: str, slime_keys: set[s
     unknown = sorted(key for key in recipe if key not in valid)
     if unknown:
         hints = "; ".join(
-            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
-                key.replace("-", "_"), sorted(valid), n=1, cutoff=0.6)) else "")
+            f"{key!r}" + (f" (did you mean {close!r}?)" if (close := closest_name(key.replace("-", "_"), valid))
+                          else "")
             for key in unknown
         )
         raise ConfigError(f"{CUSTOM_CONFIG_FLAG} {path}: unknown key(s) {hints}: neither a slime argument nor a "
