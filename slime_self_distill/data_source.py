@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
+from slime_self_distill.files import RowFileError, UnparseableLine, jsonl_rows, parquet_rows
 
 PLUGIN_METADATA_KEY = "self_distill"
 TEACHER_PROMPT_TEXT_KEY = "teacher_prompt_text"
@@ -136,11 +137,6 @@ class PromptDataKeys:
     apply_chat_template: bool = False
 
 
-@dataclass(frozen=True)
-class UnparseableLine:
-    error: str
-
-
 @dataclass
 class PromptDataReport:
     rows: int = 0
@@ -160,38 +156,26 @@ def split_row_slice(path: str) -> tuple[str, Optional[slice]]:
 
 def read_prompt_rows(path: str) -> Iterator[tuple[int, Any]]:
     """(row number, row) of slime's ``--prompt-data`` file, as slime's ``read_file`` selects them: .jsonl (row number =
-    line number; a line that is not JSON comes as ``UnparseableLine``, where slime would print and skip it) or
-    .parquet (1-based position), with the ``@[start:end]`` suffix."""
+    line number; a line that is not JSON, a first line behind a byte order mark included, comes as
+    ``UnparseableLine``, where slime would print and skip it) or .parquet (1-based position), with the
+    ``@[start:end]`` suffix. A file that cannot be read, is not UTF-8 or is corrupt raises ``SelfDistillDataError``."""
     real_path, row_slice = split_row_slice(path)
     if not os.path.isfile(real_path):
         raise SelfDistillDataError(f"--prompt-data {real_path} does not exist or is not a file")
-    if real_path.endswith(".jsonl"):
-        def rows() -> Iterator[tuple[int, Any]]:
-            with open(real_path, "rb") as handle:
-                for number, raw in enumerate(handle, start=1):
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as error:
-                        raise SelfDistillDataError(
-                            f"--prompt-data {real_path}: line {number} is not UTF-8 ({error.reason} at byte "
-                            f"{error.start} of the line); slime reads the file as UTF-8 and would stop there"
-                        ) from None
-                    if line.strip():
-                        try:
-                            yield number, json.loads(line)
-                        except json.JSONDecodeError as error:
-                            yield number, UnparseableLine(str(error))
-    elif real_path.endswith(".parquet"):
-        def rows() -> Iterator[tuple[int, Any]]:
-            import pyarrow.parquet as pq
-
-            number = 0
-            for batch in pq.ParquetFile(real_path).iter_batches():
-                for row in batch.to_pylist():
-                    number += 1
-                    yield number, row
-    else:
+    if not real_path.endswith((".jsonl", ".parquet")):
         raise SelfDistillDataError(f"--prompt-data {real_path}: slime reads only .jsonl and .parquet files")
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        try:
+            if real_path.endswith(".jsonl"):
+                yield from jsonl_rows(real_path, accept_bom=False)
+            else:
+                yield from parquet_rows(real_path)[1]
+        except RowFileError as error:
+            raise SelfDistillDataError(f"--prompt-data {real_path} {error}") from None
+        except OSError as error:
+            raise SelfDistillDataError(f"--prompt-data {real_path} cannot be read ({error.strerror or error})") from None
+
     if row_slice is None:
         return rows()
     if (row_slice.start or 0) < 0 or (row_slice.stop or 0) < 0:

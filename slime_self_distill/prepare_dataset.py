@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, closest_name
+from slime_self_distill.files import RowFileError, UnparseableLine, json_rows, jsonl_rows, parquet_rows
 from slime_self_distill.templates import (
     STUDENT_TEMPLATES,
     TEMPLATES,
@@ -75,7 +76,6 @@ OUTPUT_PROMPT_KEY = "prompt"
 REJECTED_SUFFIX = ".rejected.jsonl"
 DATASETS_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".arrow": ("arrow", {})}
 OUTPUT_FORMATS = (".jsonl", ".parquet")  # the two formats slime's Dataset reads
-UTF8_BOM = b"\xef\xbb\xbf"
 # The official SDFT code joins a list-valued demonstration (golden_response) with one newline.
 DEMONSTRATION_LIST_SEPARATOR = "\n"
 PREVIEW_HEAD_CHARS, PREVIEW_TAIL_CHARS = 1500, 500
@@ -106,14 +106,6 @@ class RowError(Exception):
     def __init__(self, code: str, reason: str):
         super().__init__(reason)
         self.code, self.reason = code, reason
-
-
-@dataclass(frozen=True)
-class Unparseable:
-    """A JSON line that did not parse, kept for the rejected-rows report."""
-
-    text: str
-    error: str
 
 
 @dataclass(frozen=True)
@@ -148,90 +140,6 @@ class Columns:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _utf8(raw: bytes, path: str, first_line: int, offset: int) -> str:
-    """``raw`` (a line or a whole file, starting at byte ``offset`` of the file, on line ``first_line``) decoded;
-    a UsageError naming the line and the byte offset if it is not UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        raise UsageError(
-            f"--input {path!r} is not UTF-8: line {line}, byte offset {offset + e.start} holds {raw[e.start:e.end]!r}; "
-            f"convert the file to UTF-8 (e.g. iconv -f <its encoding> -t utf-8)"
-        ) from None
-
-
-def _bom_length(raw: bytes) -> int:
-    # slime's reader would choke on a byte order mark (its json.loads fails on the first line, which it skips with
-    # only a printed message); the output is written without one, so accept it here.
-    return len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
-
-
-def _parse_json_lines(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
-    for line_number, line in lines:
-        if not line.strip():
-            continue  # slime's reader skips blank lines too
-        try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield line_number, Unparseable(line.rstrip("\r\n"), str(e))
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-    def lines() -> Iterator[tuple[int, str]]:
-        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named with its byte offset
-            offset = 0
-            for line_number, raw in enumerate(f, start=1):
-                skip = _bom_length(raw) if line_number == 1 else 0
-                yield line_number, _utf8(raw[skip:], path, line_number, offset + skip)
-                offset += len(raw)
-
-    yield from _parse_json_lines(lines())
-
-
-def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    skip = _bom_length(raw)
-    text = _utf8(raw[skip:], path, 1, skip)
-    if not text.lstrip().startswith("["):
-        # JSON lines in a .json file; split on "\n" only, as a JSONL file is read (str.splitlines would also split
-        # inside strings holding U+2028 and similar characters, which JSON allows raw)
-        yield from _parse_json_lines(enumerate(text.split("\n"), start=1))
-        return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--input {path!r} starts like a JSON list but does not parse: {e}") from None
-    yield from enumerate(rows, start=1)
-
-
-def _parquet_rows(path: str) -> tuple[int, Iterator[tuple[int, Any]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def corrupt(error: Exception) -> UsageError:
-        return UsageError(f"--input {path!r} is not a readable Parquet file ({error}); check that it was fully "
-                          f"written (a truncated copy fails like this)")
-
-    try:
-        parquet_file = pq.ParquetFile(path)
-    except pa.ArrowException as e:
-        raise corrupt(e) from None
-
-    def rows() -> Iterator[tuple[int, Any]]:
-        number = 0
-        try:
-            for batch in parquet_file.iter_batches():
-                for row in batch.to_pylist():
-                    number += 1
-                    yield number, row
-        except pa.ArrowException as e:
-            raise corrupt(e) from None
-
-    return parquet_file.metadata.num_rows, rows()
-
-
 def _root_cause(error: BaseException) -> str:
     """``Type: first line of the message`` of the innermost cause (datasets wraps the real error)."""
     while error.__cause__ is not None:
@@ -316,7 +224,7 @@ def _datasets_rows(path: str, split: Optional[str], show_progress: bool) -> tupl
 def read_input(path: str, split: Optional[str] = None,
                show_progress: bool = False) -> tuple[Optional[int], Iterator[tuple[int, Any]]]:
     """(row count when it is cheap to know, iterator of (row number, row)); the row number is the line number for
-    JSON lines, else the 1-based position. A JSON line that does not parse is yielded as an ``Unparseable`` row,
+    JSON lines, else the 1-based position. A JSON line that does not parse is yielded as an ``UnparseableLine`` row,
     not raised; a file that cannot be read, is not UTF-8 or is corrupt raises UsageError (also while iterating)."""
     if not os.path.exists(path):
         raise UsageError(f"--input {path!r} does not exist")
@@ -331,21 +239,27 @@ def read_input(path: str, split: Optional[str] = None,
 
     try:
         if os.path.isfile(path) and extension == ".jsonl":
-            total, rows = None, _jsonl_rows(path)
+            # the output is written without a byte order mark, so one in the input is accepted (slime's own reader
+            # would skip the first line)
+            total, rows = None, jsonl_rows(path, accept_bom=True)
         elif os.path.isfile(path) and extension == ".json":
-            total, rows = None, _json_rows(path)
+            total, rows = None, json_rows(path)
         elif os.path.isfile(path) and extension == ".parquet":
-            total, rows = _parquet_rows(path)
+            total, rows = parquet_rows(path)
         else:
             total, rows = _datasets_rows(path, split, show_progress)
     except OSError as e:
         raise unreadable(e) from None
+    except RowFileError as e:
+        raise UsageError(f"--input {path!r} {e}") from None
 
     def guarded() -> Iterator[tuple[int, Any]]:
         try:
             yield from rows
         except OSError as e:
             raise unreadable(e) from None
+        except RowFileError as e:
+            raise UsageError(f"--input {path!r} {e}") from None
 
     return total, guarded()
 
@@ -484,7 +398,7 @@ def prepare_row(data: Any, columns: Columns, template: str, template_spec: str,
     """(kind, output row, prompt, teacher prompt, tools) of one input row; RowError if it is unusable.
     ``student_template`` (``--student-template``) wraps the student prompt of every row but an already prepared one;
     the teacher template still gets the bare question."""
-    if isinstance(data, Unparseable):
+    if isinstance(data, UnparseableLine):
         raise RowError("unparseable_json", f"the line is not valid JSON: {data.error}")
     if not isinstance(data, dict):
         raise RowError("not_an_object", f"the row is a {type(data).__name__}, expected a JSON object")
@@ -743,7 +657,7 @@ def rows_writer(path: str, rows: list) -> Callable[[Any], None]:
 
 def rejected_writer(bad_rows: list) -> Callable[[Any], None]:
     def entry(bad: BadRow) -> dict:
-        data = bad.data.text if isinstance(bad.data, Unparseable) else bad.data
+        data = bad.data.text if isinstance(bad.data, UnparseableLine) else bad.data
         return {"row": bad.row, "code": bad.code, "reason": bad.reason, "data": data}
 
     # default=repr: a rejected row may hold values JSON cannot encode (that can be why it was rejected)

@@ -595,9 +595,21 @@ def test_check_only_honours_slimes_row_slice_and_excluded_teachers(tmp_path, mon
 
 def test_check_only_refuses_a_file_slime_cannot_read(tmp_path, monkeypatch, capsys):
     assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [b"\xff\xfe{}"])) == 2
-    assert "line 1 is not UTF-8" in capsys.readouterr().err
+    assert "is not UTF-8: line 1, byte offset 0 holds b'\\xff'" in capsys.readouterr().err
     assert check_only(monkeypatch, "--prompt-data", tmp_path / "missing.jsonl") == 2
     assert "does not exist" in capsys.readouterr().err
+    truncated = tmp_path / "rows.parquet"
+    truncated.write_bytes(b"PAR1 not a whole file")
+    assert check_only(monkeypatch, "--prompt-data", truncated) == 2
+    assert f"--prompt-data {truncated} is not a readable Parquet file" in capsys.readouterr().err
+
+
+def test_check_only_reports_a_first_line_behind_a_byte_order_mark_as_slime_reads_it(tmp_path, monkeypatch, capsys):
+    # slime's reader fails to parse that line and skips it with only a printed message
+    data = prompt_file(tmp_path, [b"\xef\xbb\xbf" + json.dumps(GOOD_ROW).encode(), GOOD_ROW])
+    assert check_only(monkeypatch, "--prompt-data", data) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 rows would fail" in err and "row 1: not valid JSON" in err
     assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [GOOD_ROW], "rows.json")) == 2
     assert "slime reads only .jsonl and .parquet" in capsys.readouterr().err
 
