@@ -1,16 +1,22 @@
-"""Row files, read the same way everywhere: JSON lines, a JSON list, Parquet.
+"""Files, read and written the same way everywhere.
 
-Shared by the data tools (``prepare_dataset --input``) and the launcher's check of slime's ``--prompt-data``
-(``data_source.read_prompt_rows``). Pure Python, plus pyarrow for Parquet. A file-level problem raises
+Row files (JSON lines, a JSON list, Parquet), shared by the data tools (``prepare_dataset --input``) and the
+launcher's check of slime's ``--prompt-data`` (``data_source.read_prompt_rows``): a file-level problem raises
 ``RowFileError``, whose message continues the file's name ("<flag> <path> is not UTF-8: line 3, ..."); a JSON line
 that does not parse is yielded as an ``UnparseableLine`` row, for the caller to report with the other bad rows.
+
+Writes (``prepare_dataset``'s outputs, the EMA teacher's checkpoint shards) go to a temporary file in the target's
+directory, renamed over the target once complete, with the permissions a new file gets under the user's umask.
+Pure Python, plus pyarrow for Parquet.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -111,3 +117,29 @@ def parquet_rows(path: str) -> tuple[int, Iterator[tuple[int, Any]]]:
             raise corrupt(e) from None
 
     return parquet_file.metadata.num_rows, rows()
+
+
+# ---------------------------------------------------------------------- writing
+def new_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file under the current umask (mkstemp creates 0600)."""
+    umask = os.umask(0)  # the umask can only be read by setting it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``:
+    a reader sees the old file or the whole new one, never a part; on failure the temporary file is removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, new_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

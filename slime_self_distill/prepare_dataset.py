@@ -57,7 +57,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, closest_name
-from slime_self_distill.files import RowFileError, UnparseableLine, json_rows, jsonl_rows, parquet_rows
+from slime_self_distill.files import (
+    RowFileError,
+    UnparseableLine,
+    json_rows,
+    jsonl_rows,
+    new_file_mode,
+    parquet_rows,
+)
 from slime_self_distill.templates import (
     STUDENT_TEMPLATES,
     TEMPLATES,
@@ -534,12 +541,6 @@ def check_columns(path: str, columns: Columns, named: list, seen: set, good: lis
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _current_umask() -> int:
-    mask = os.umask(0)  # the umask can only be read by setting it
-    os.umask(mask)
-    return mask
-
-
 class PendingOutputs:
     """Temporary files beside the outputs, created on entry (so that an output that cannot be written fails before
     any work) and renamed over the outputs by ``commit``; without a commit they are removed, with any directory
@@ -602,11 +603,11 @@ class PendingOutputs:
         """Rename every temporary file over its output. They are all written before the first rename, so a failure
         while writing leaves every output as it was; only a rename failing after another succeeded (both in
         directories just written to) would not, and the message then says which output was replaced."""
-        new_file_mode = 0o666 & ~_current_umask()
+        file_mode = new_file_mode()
         replaced = []
         for path, temp_path in self.temp_paths.items():
             try:
-                mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else new_file_mode
+                mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else file_mode
                 os.chmod(temp_path, mode)
                 os.replace(temp_path, path)
             except OSError as e:

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
+
+from slime_self_distill.files import write_atomically
 
 TEACHER_TAG = "teacher"
 ACTOR_TAG = "actor"
@@ -242,20 +243,8 @@ def save_ema_shadow(shadow: dict[str, torch.Tensor], directory: str, shard: str)
     path. The file gets the permissions a new file gets under the user's umask."""
     os.makedirs(directory, exist_ok=True)
     path = shard_file(directory, shard)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{shard}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": EMA_FILE_FORMAT, "shard": shard, "tensors": shadow}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, lambda handle: torch.save(
+        {"format": EMA_FILE_FORMAT, "shard": shard, "tensors": shadow}, handle))
     return path
 
 
