@@ -263,27 +263,29 @@ def load_hf_tokenizer(hf_checkpoint: str):
     return load_tokenizer(hf_checkpoint, trust_remote_code=True)
 
 
-def teacher_prompt_renderer(args: Any, config: SelfDistillConfig) -> Callable[[Any, Any], str]:
-    """``render(prompt, tools)`` of teacher prompts: slime's tokenizer and ``--apply-chat-template``, with
-    ``--self-distill-teacher-chat-template-kwargs`` when set (e.g. a teacher reading in thinking mode), else the
-    student's ``--apply-chat-template-kwargs``."""
+def teacher_renderer(tokenizer: Any, config: SelfDistillConfig, *, apply_chat_template: bool,
+                     apply_chat_template_kwargs: Optional[dict]) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` of teacher prompts with ``tokenizer``: with the chat template when
+    ``--apply-chat-template``, given ``--self-distill-teacher-chat-template-kwargs`` when set (e.g. a teacher reading
+    in thinking mode), else the student's ``--apply-chat-template-kwargs``."""
     from slime_self_distill.templates import render_prompt
 
-    tokenizer = load_hf_tokenizer(args.hf_checkpoint)
     kwargs = config.teacher_chat_template_kwargs
     if kwargs is None:
-        kwargs = args.apply_chat_template_kwargs
+        kwargs = apply_chat_template_kwargs
 
     def render(prompt: Any, tools: Any) -> str:
-        return render_prompt(
-            prompt,
-            tokenizer,
-            apply_chat_template=bool(args.apply_chat_template),
-            apply_chat_template_kwargs=kwargs,
-            tools=tools,
-        )
+        return render_prompt(prompt, tokenizer, apply_chat_template=apply_chat_template,
+                             apply_chat_template_kwargs=kwargs, tools=tools)
 
     return render
+
+
+def teacher_prompt_renderer(args: Any, config: SelfDistillConfig) -> Callable[[Any, Any], str]:
+    """``teacher_renderer`` with slime's tokenizer of ``--hf-checkpoint`` and slime's parsed arguments."""
+    return teacher_renderer(load_hf_tokenizer(args.hf_checkpoint), config,
+                            apply_chat_template=bool(args.apply_chat_template),
+                            apply_chat_template_kwargs=args.apply_chat_template_kwargs)
 
 
 def check_supported_args(args: Any) -> None:

@@ -434,7 +434,7 @@ def teacher_prompt_counter(hf_checkpoint: Optional[str], apply_chat_template: bo
     directory that loads."""
     import json
 
-    from slime_self_distill.templates import render_prompt
+    from slime_self_distill.data_source import teacher_renderer
 
     if not hf_checkpoint or not os.path.isdir(hf_checkpoint):
         return None, "teacher prompts not rendered (no local --hf-checkpoint directory)"
@@ -444,14 +444,16 @@ def teacher_prompt_counter(hf_checkpoint: Optional[str], apply_chat_template: bo
         tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint, trust_remote_code=True)
     except Exception as error:  # noqa: BLE001 - any load failure only means the prompts are not measured
         return None, f"teacher prompts not rendered (the tokenizer of {hf_checkpoint} does not load: {error})"
-    kwargs = config.teacher_chat_template_kwargs
-    if kwargs is None and chat_template_kwargs is not None:
-        kwargs = json.loads(chat_template_kwargs) if isinstance(chat_template_kwargs, str) else chat_template_kwargs
+    if isinstance(chat_template_kwargs, str):  # from the command line; a recipe's YAML gives a mapping
+        try:
+            chat_template_kwargs = json.loads(chat_template_kwargs)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--apply-chat-template-kwargs {chat_template_kwargs!r} is not JSON ({error})") from None
+    render = teacher_renderer(tokenizer, config, apply_chat_template=apply_chat_template,
+                              apply_chat_template_kwargs=chat_template_kwargs)
 
     def count(teacher_prompt, tools) -> int:
-        text = render_prompt(teacher_prompt, tokenizer, apply_chat_template=apply_chat_template,
-                             apply_chat_template_kwargs=kwargs, tools=tools)
-        return len(tokenizer.encode(text, add_special_tokens=False))
+        return len(tokenizer.encode(render(teacher_prompt, tools), add_special_tokens=False))
 
     return count, ""
 

@@ -659,6 +659,8 @@ def test_check_only_renders_and_measures_the_teacher_prompts_with_a_local_tokeni
                       "--self-distill-teacher-overflow", "drop") == 0
     assert check_only(monkeypatch, "--prompt-data", data) == 0
     assert "teacher prompts not rendered (no local --hf-checkpoint directory)" in capsys.readouterr().out
+    assert check_only(monkeypatch, *common, "--apply-chat-template-kwargs", "{enable_thinking: false}") == 2
+    assert "--apply-chat-template-kwargs '{enable_thinking: false}' is not JSON" in capsys.readouterr().err
 
 
 def test_check_only_reports_the_settings_that_differ_and_refuses_a_wrong_slime_checkout(tmp_path, monkeypatch,
