@@ -68,6 +68,12 @@ def slime_loads_teacher_checkpoint(args: Any) -> bool:
     return bool(getattr(args, "use_opd", False)) and getattr(args, "opd_type", None) == "megatron"
 
 
+def routing_replay_needs_student_pass(args: Any) -> bool:
+    """``--use-routing-replay`` records the expert routing in slime's student log-prob pass, unless the rollout
+    records it (``--use-rollout-routing-replay``)."""
+    return bool(getattr(args, "use_routing_replay", False)) and not getattr(args, "use_rollout_routing_replay", False)
+
+
 def check_args(args: Any, config: SelfDistillConfig) -> None:
     """Refuse slime settings under which the teacher pass would not run, or would run with the wrong teacher."""
     if not getattr(args, "compute_advantages_and_returns", True):
@@ -114,7 +120,7 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             "and the critic's actors do not load the teacher; use another --advantage-estimator (e.g. grpo)"
         )
     if getattr(args, "use_rollout_logprobs", False):
-        if getattr(args, "use_routing_replay", False) and not getattr(args, "use_rollout_routing_replay", False):
+        if routing_replay_needs_student_pass(args):
             raise ConfigError(
                 "--use-rollout-logprobs skips slime's student log-prob pass, which records the expert routing that "
                 "--use-routing-replay replays in training (the first training step would fail); drop "
@@ -643,10 +649,8 @@ def install(args: Any) -> None:
 def unused_pass_warnings(args: Any) -> list[str]:
     """slime passes whose results the self-distillation loss never reads."""
     warnings = []
-    needs_student_pass = getattr(args, "log_correct_samples", False) or (
-        getattr(args, "use_routing_replay", False) and not getattr(args, "use_rollout_routing_replay", False))
-    if needs_student_pass:  # routing replay records, --log-correct-samples reads, the student pass
-        return warnings
+    if routing_replay_needs_student_pass(args) or getattr(args, "log_correct_samples", False):
+        return warnings  # the pass records the routing, or --log-correct-samples reads it: not to be skipped
     if not getattr(args, "use_rollout_logprobs", False) or getattr(args, "get_mismatch_metrics", False):
         warnings.append(
             "slime recomputes the student's log-probabilities in a forward pass every rollout (about a quarter of "

@@ -72,7 +72,7 @@ PLUGIN_DEFAULTS: tuple[tuple[str, str], ...] = (
 # records the routing that training replays; --use-rollout-routing-replay records it in the rollout instead) and
 # --log-correct-samples (slime's metric reads the recomputed log-probs).
 USE_ROLLOUT_LOGPROBS_FLAG = "--use-rollout-logprobs"
-KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics", "--use-routing-replay", "--log-correct-samples")
+KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics", "--log-correct-samples")
 # slime's default --opd-kl-coef is 1.0, which megatron_hooks.check_args refuses when --use-opd only loads the
 # frozen teacher checkpoint; 0 is the only accepted value, so it is filled in with --use-opd unless given.
 OPD_KL_COEF_FLAG = "--opd-kl-coef"
@@ -181,7 +181,7 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
     for flag, value in PLUGIN_DEFAULTS:
         if flag not in present:
             filled.append([flag, value])
-    needs_student_pass = present & set(KEEPS_STUDENT_PASS_FLAGS) - {"--use-routing-replay"} or (
+    needs_student_pass = bool(present & set(KEEPS_STUDENT_PASS_FLAGS)) or (
         "--use-routing-replay" in present and "--use-rollout-routing-replay" not in present)
     if USE_ROLLOUT_LOGPROBS_FLAG not in present and not needs_student_pass:
         filled.append([USE_ROLLOUT_LOGPROBS_FLAG])
