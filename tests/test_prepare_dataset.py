@@ -521,20 +521,18 @@ def test_non_utf8_jsonl_names_the_line_and_byte_offset(tmp_path, capsys, existin
                           "convert the file to UTF-8")
 
 
-def test_non_utf8_after_a_byte_order_mark_counts_the_mark_in_the_offset(tmp_path, capsys, existing_output):
-    raw = b'\xef\xbb\xbf{"prompt": "\xff", "demonstration": "d"}\n'
-    (tmp_path / "in.jsonl").write_bytes(raw)
-    code, _, err = run(capsys, "--input", tmp_path / "in.jsonl", "--output", existing_output)
-    offset = raw.index(b"\xff")
-    assert_one_line_error(code, err, f"line 1, byte offset {offset} holds b'\\xff'")
-
-
-def test_non_utf8_json_list_names_the_line_and_byte_offset(tmp_path, capsys, existing_output):
-    raw = b'[\n  {"prompt": "q", "demonstration": "d"},\n  {"prompt": "\x93quoted\x94", "demonstration": "d"}\n]\n'
-    (tmp_path / "in.json").write_bytes(raw)
-    code, _, err = run(capsys, "--input", tmp_path / "in.json", "--output", existing_output)
-    offset = raw.index(b"\x93")
-    assert_one_line_error(code, err, f"line 3, byte offset {offset} holds b'\\x93'")
+@pytest.mark.parametrize("name, raw, bad_byte, line", [
+    # the byte order mark counts in the offset
+    ("in.jsonl", b'\xef\xbb\xbf{"prompt": "\xff", "demonstration": "d"}\n', b"\xff", 1),
+    ("in.json",
+     b'[\n  {"prompt": "q", "demonstration": "d"},\n  {"prompt": "\x93quoted\x94", "demonstration": "d"}\n]\n',
+     b"\x93", 3),
+], ids=["jsonl after a byte order mark", "json list"])
+def test_non_utf8_names_the_line_and_the_files_byte_offset(tmp_path, capsys, existing_output, name, raw, bad_byte,
+                                                           line):
+    (tmp_path / name).write_bytes(raw)
+    code, _, err = run(capsys, "--input", tmp_path / name, "--output", existing_output)
+    assert_one_line_error(code, err, f"line {line}, byte offset {raw.index(bad_byte)} holds {bad_byte!r}")
 
 
 def deny(monkeypatch, denied_path, error=PermissionError(13, "Permission denied")):

@@ -79,8 +79,23 @@ def plugin_objective(config, temperature: float, per_token: bool, inputs):
     return objective.detach().double(), grad.double()
 
 
-def response_rows(rows, p, r):
-    return rows[p - 1 : p + r - 1]
+def per_sample(inputs, temperature=1.0):
+    """The student logits as a float64 leaf, and per sample: (student log-probs, teacher log-probs) over the response
+    rows at ``temperature``, the response tokens, the loss mask, the rollout log-probs."""
+    student_rows, teacher_logits, tokens, masks, rollout = inputs
+    logits = torch.cat(student_rows).clone().requires_grad_(True)
+    samples, start = [], 0
+    for p, r, t_logits, tok, mask, roll in zip(PROMPTS, RESPONSES, teacher_logits, tokens, masks, rollout):
+        response_logits = logits[start + p - 1 : start + p + r - 1]  # row i predicts token i + 1
+        samples.append((torch.log_softmax(response_logits / temperature, -1),
+                        torch.log_softmax(t_logits / temperature, -1), tok[-r:], mask, roll))
+        start += p + r
+    return logits, samples
+
+
+def value_and_grad(objective, logits):
+    (grad,) = torch.autograd.grad(objective, logits)
+    return objective.detach(), grad
 
 
 # ---------------------------------------------------------------------- the official objectives, float64
@@ -91,12 +106,9 @@ def official_sdft(inputs, *, topk=None):
     clamp(max=2)) averaged over the loss mask into one weight per sequence (L1678-1682), a per-sequence mean, the mean
     over the step's sequences (L1687-1688; gradient accumulation 32 x batch 1). Temperature 1. ``topk``: the same
     with the KL over the teacher's top-K tokens plus one tail bucket (sdft_topk.yaml)."""
-    student_rows, teacher_logits, tokens, masks, rollout = inputs
-    logits = torch.cat(student_rows).clone().requires_grad_(True)
-    total, start = 0.0, 0
-    for p, r, t_logits, tok, mask, roll in zip(PROMPTS, RESPONSES, teacher_logits, tokens, masks, rollout):
-        student = torch.log_softmax(response_rows(logits[start:start + p + r], p, r), -1)
-        teacher = torch.log_softmax(t_logits, -1)
+    logits, samples = per_sample(inputs)
+    total = 0.0
+    for student, teacher, response, mask, roll in samples:
         if topk is None:
             kl = (teacher.exp() * (teacher - student)).sum(-1)
         else:
@@ -105,35 +117,26 @@ def official_sdft(inputs, *, topk=None):
             t_all = torch.cat([t_top, 1 - t_top.sum(-1, keepdim=True)], -1)
             s_all = torch.cat([s_top, 1 - s_top.sum(-1, keepdim=True)], -1)
             kl = (t_all * (t_all.log() - s_all.log())).sum(-1)
-        loss_mask = torch.tensor(mask, dtype=torch.float64) * (torch.arange(r) >= 3)
-        old = student.detach().gather(-1, tok[-r:, None]).squeeze(-1)
+        loss_mask = torch.tensor(mask, dtype=torch.float64) * (torch.arange(len(mask)) >= 3)
+        old = student.detach().gather(-1, response[:, None]).squeeze(-1)
         ratio = torch.exp(old - roll).clamp(max=2.0)
         weight = (ratio * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
         total = total + (kl * weight * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-        start += p + r
-    objective = total / len(PROMPTS)
-    (grad,) = torch.autograd.grad(objective, logits)
-    return objective.detach(), grad
+    return value_and_grad(total / len(samples), logits)
 
 
 def official_opsd(inputs, *, temperature=1.1, clip=0.05):
     """siyan-zhao/OPSD opsd_trainer.py (7448751) generalized_jsd_loss L382-474 with beta 0: student and teacher logits
     divided by the temperature, F.kl_div(student, teacher, log_target=True) per vocabulary entry, clamp(max=clip)
     per entry, the masked entries summed and divided by the number of masked tokens of the (per-device) batch."""
-    student_rows, teacher_logits, tokens, masks, _ = inputs
-    logits = torch.cat(student_rows).clone().requires_grad_(True)
-    total, count, start = 0.0, 0, 0
-    for p, r, t_logits, mask in zip(PROMPTS, RESPONSES, teacher_logits, masks):
-        student = torch.log_softmax(response_rows(logits[start:start + p + r], p, r) / temperature, -1)
-        teacher = torch.log_softmax(t_logits / temperature, -1)
+    logits, samples = per_sample(inputs, temperature)
+    total, count = 0.0, 0
+    for student, teacher, _, mask, _ in samples:
         jsd = (teacher.exp() * (teacher - student)).clamp(max=clip)
         kept = torch.tensor(mask, dtype=torch.bool)
         total = total + jsd[kept].sum()
         count += int(kept.sum())
-        start += p + r
-    objective = total / count
-    (grad,) = torch.autograd.grad(objective, logits)
-    return objective.detach(), grad
+    return value_and_grad(total / count, logits)
 
 
 def official_sdpo_token_level(inputs, *, cap=2.0):
@@ -142,21 +145,15 @@ def official_sdpo_token_level(inputs, *, cap=2.0):
     times the rollout correction min(exp(old - rollout), 2) per token (rollout_corr_helper.py L530-566); token-mean
     over a micro-batch of one sequence (user.yaml ppo_micro_batch_size_per_gpu 1), averaged over the step's
     sequences (1 / gradient accumulation)."""
-    student_rows, teacher_logits, tokens, masks, rollout = inputs
-    logits = torch.cat(student_rows).clone().requires_grad_(True)
-    total, start = 0.0, 0
-    for p, r, t_logits, tok, mask, roll in zip(PROMPTS, RESPONSES, teacher_logits, tokens, masks, rollout):
-        student = torch.log_softmax(response_rows(logits[start:start + p + r], p, r), -1)
-        teacher = torch.log_softmax(t_logits, -1)
-        ids = tok[-r:, None]
+    logits, samples = per_sample(inputs)
+    total = 0.0
+    for student, teacher, response, mask, roll in samples:
+        ids = response[:, None]
         log_s, log_t = student.gather(-1, ids).squeeze(-1), teacher.gather(-1, ids).squeeze(-1)
         per_token = (log_s - log_t).detach() * log_s * torch.exp(log_s.detach() - roll).clamp(max=cap)
         loss_mask = torch.tensor(mask, dtype=torch.float64)
         total = total + (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-        start += p + r
-    objective = total / len(PROMPTS)
-    (grad,) = torch.autograd.grad(objective, logits)
-    return objective.detach(), grad
+    return value_and_grad(total / len(samples), logits)
 
 
 TOPK = 5  # sdft_topk's K = 64 is beyond this test's 16-token vocabulary
