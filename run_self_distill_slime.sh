@@ -54,7 +54,7 @@ LOAD="${LOAD:-${SAVE}}"  # resumes from SAVE when it holds a checkpoint, else st
 SAVE_INTERVAL="${SAVE_INTERVAL:-20}"
 
 # ------------------------------------------------------------------ data and rollout
-: "${PROMPT_DATA:?set PROMPT_DATA to the prepared JSONL/Parquet file (rows with metadata.teacher_prompt)}"
+: "${PROMPT_DATA:?set PROMPT_DATA to the JSONL/Parquet prompt file (rows with metadata.teacher_prompt; SDPO: prompts and labels)}"
 : "${SELF_DISTILL_CONFIG:=${PROJECT_ROOT}/configs/sdft.yaml}"
 [[ -f "${SELF_DISTILL_CONFIG}" ]] || { echo "SELF_DISTILL_CONFIG ${SELF_DISTILL_CONFIG} does not exist (see configs/)" >&2; exit 1; }
 # The Ray job may run in another working directory: pass an absolute path.
@@ -65,7 +65,8 @@ for path_variable in HF_CHECKPOINT REF_LOAD SAVE LOAD PROMPT_DATA; do
     printf -v "${path_variable}" '%s/%s' "${PWD}" "${!path_variable}"
   fi
 done
-# slime scores every rollout; the reward is logged, the self-distillation loss does not use it.
+# slime scores every rollout; the reward is logged, picks SDPO's successful responses (configs/sdpo.yaml) and, with
+# --self-distill-rl-combination hybrid/additive, drives slime's policy loss.
 if [[ -n "${CUSTOM_RM_PATH:-}" ]]; then
   REWARD_ARGS=(--custom-rm-path "${CUSTOM_RM_PATH}")
 else

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from slime_self_distill.divergences import DEFAULT_CHUNK_SIZE
+from slime_self_distill.templates import TemplateError, check_template
 
 ARG_PREFIX = "self_distill_"
 
@@ -34,6 +35,16 @@ EMA_UPDATE_INTERVALS = ("step", "rollout")
 TEACHER_OVERFLOW_POLICIES = ("error", "drop", "truncate_demonstration")
 MISSING_TEACHER_POLICIES = ("error", "exclude")
 FULL_VOCAB_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+TEACHER_CONTEXTS = ("static", "sdpo", "self_revision")
+FEEDBACK_USES = ("off", "without_solution", "always")
+RL_COMBINATIONS = ("none", "hybrid", "additive")
+
+# SDPO's templates as the official runs use them: the YAML block scalars of lasgroup/SDPO
+# verl/trainer/config/actor/actor.yaml (``|-``: no trailing newline, the leading empty line kept). The dataclass
+# defaults of verl/workers/config/actor.py add trailing newlines; no official script uses those.
+SDPO_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+SDPO_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
+SDPO_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
 
 
 class ConfigError(ValueError):
@@ -192,6 +203,73 @@ class SelfDistillConfig:
         ),
     )
 
+    teacher_context: str = field(
+        default="static",
+        metadata=_knob(
+            "How each sample's teacher prompt is built: 'static' (the row's own teacher prompt, "
+            "--self-distill-teacher-prompt-key), 'sdpo' (SDPO's reprompt from the rollout group after rewards: a "
+            "successful sibling's response and/or the reward function's feedback) or 'self_revision' (SD-Zero's, "
+            "not implemented yet: refused).",
+            TEACHER_CONTEXTS,
+        ),
+    )
+    teacher_context_path: Optional[str] = field(
+        default=None,
+        metadata=_knob(
+            "module.function of your own teacher-context builder, fn(args, group) -> one teacher prompt (a string "
+            "or chat messages, rendered like the student's) or None (no teacher) per sample of the group (the samples "
+            "sharing group_index, after rewards); replaces --self-distill-teacher-context."
+        ),
+    )
+    success_threshold: float = field(
+        default=1.0,
+        metadata=_knob("sdpo: a response is successful when its reward (slime's, --reward-key honoured) is >= this."),
+    )
+    dont_reprompt_on_self_success: bool = field(
+        default=True,
+        metadata=_knob("sdpo: a response's solution is the first successful response of its group other than itself "
+                       "(false: the first successful one, possibly itself)."),
+    )
+    remove_thinking: bool = field(
+        default=True,
+        metadata=_knob("sdpo: remove every <think>...</think> block and the whitespace after it from the solution."),
+    )
+    feedback: str = field(
+        default="without_solution",
+        metadata=_knob(
+            "sdpo: when the reward function's feedback (a non-empty string in the reward dict's 'feedback' or in "
+            "sample.metadata['feedback']) goes into the reprompt: 'off', 'without_solution' (only for a response "
+            "that has no solution) or 'always'.",
+            FEEDBACK_USES,
+        ),
+    )
+    reprompt_template: str = field(
+        default=SDPO_REPROMPT_TEMPLATE,
+        metadata=_knob("sdpo: the teacher's last user message; fields {prompt} (the student's last user message), "
+                       "{solution} and {feedback} (the sections below, or empty)."),
+    )
+    solution_template: str = field(
+        default=SDPO_SOLUTION_TEMPLATE,
+        metadata=_knob("sdpo: the solution section; field {successful_previous_attempt}."),
+    )
+    feedback_template: str = field(
+        default=SDPO_FEEDBACK_TEMPLATE,
+        metadata=_knob("sdpo: the feedback section; field {feedback_raw}."),
+    )
+    rl_combination: str = field(
+        default="none",
+        metadata=_knob(
+            "How the distillation loss D meets slime's own policy loss P (--advantage-estimator, e.g. grpo): "
+            "'none' (D only, as the official SDPO), 'hybrid' ((1 - w) * P + w * D, TRL's SDPO) or 'additive' "
+            "(P + w * D), w = --self-distill-weight.",
+            RL_COMBINATIONS,
+        ),
+    )
+    weight: float = field(
+        default=1.0,
+        metadata=_knob("w of --self-distill-rl-combination hybrid (in [0, 1]) or additive (>= 0)."),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -254,15 +332,39 @@ class SelfDistillConfig:
             "chunk_size": None if self.kl_scope != "sampled_token" else f"{flag_name('kl_scope')} is sampled_token",
             "teacher_overflow": None if self.max_teacher_prompt_len is not None
             else f"{flag_name('max_teacher_prompt_len')} is unset",
+            "weight": None if self.rl_combination != "none" else f"{flag_name('rl_combination')} is none",
         }
+        uses_row_prompt = self.teacher_context == "static" and self.teacher_context_path is None
+        for name in ("teacher_prompt_key", "missing_teacher"):
+            why_not[name] = None if uses_row_prompt else (
+                "the teacher prompt is built after rewards, not read from the row")
+        for name in SDPO_SETTINGS:
+            why_not[name] = None if self.builds_sdpo_context else "the teacher context is not sdpo"
         return [f"{flag_name(name)} has no effect: {reason}" for name, reason in why_not.items()
                 if reason is not None and name in explicit]
+
+    @property
+    def builds_sdpo_context(self) -> bool:
+        return self.teacher_context == "sdpo" and self.teacher_context_path is None
+
+    @property
+    def teacher_prompt_from_row(self) -> bool:
+        """The teacher prompt is the row's own (``static``), rather than built from the rollout group."""
+        return self.teacher_context == "static" and self.teacher_context_path is None
 
     @property
     def alpha_js_weight(self) -> float:
         """The effective alpha: forward_kl is alpha 0, reverse_kl is alpha 1 (the GKD/TRL special cases)."""
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.alpha)
 
+
+SDPO_SETTINGS = ("success_threshold", "dont_reprompt_on_self_success", "remove_thinking", "feedback",
+                 "reprompt_template", "solution_template", "feedback_template")
+SDPO_TEMPLATE_FIELDS = {
+    "reprompt_template": (("prompt",), ("solution", "feedback")),  # (required, optional)
+    "solution_template": (("successful_previous_attempt",), ()),
+    "feedback_template": (("feedback_raw",), ()),
+}
 
 SETTING_KEYS = frozenset(ARG_PREFIX + f.name for f in dataclasses.fields(SelfDistillConfig))
 
@@ -297,6 +399,8 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     for f in dataclasses.fields(SelfDistillConfig):
         default = f.default
         shown = "unset" if default is None else default
+        if isinstance(default, str) and "\n" in default:
+            shown = repr(default)  # a template: its newlines visible
         group.add_argument(
             flag_name(f.name),
             dest=ARG_PREFIX + f.name,
@@ -309,8 +413,9 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 
 
 # ---------------------------------------------------------------------- validation
-_SCALAR_TYPES = {"str": str, "int": int, "float": float, "Optional[int]": int, "Optional[float]": float,
-                 "Optional[dict]": dict}
+_SCALAR_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int,
+                 "Optional[float]": float, "Optional[str]": str, "Optional[dict]": dict}
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _scalar_type(f: dataclasses.Field) -> type:
@@ -328,22 +433,34 @@ def json_object(text: str) -> dict:
     return value
 
 
+def boolean(text: str) -> bool:
+    """argparse type of a bool knob: true/false (also 1/0, yes/no, on/off)."""
+    if text.lower() in _TRUE_WORDS:
+        return True
+    if text.lower() in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _argparse_type(f: dataclasses.Field):
     scalar = _scalar_type(f)
-    return json_object if scalar is dict else scalar
+    return {dict: json_object, bool: boolean}.get(scalar, scalar)
 
 
 def _check_type(f: dataclasses.Field, value: Any) -> None:
     if value is None and "Optional" in str(f.type):
         return
     expected = _scalar_type(f)
-    ok = (
-        isinstance(value, expected) and not isinstance(value, bool)
-        if expected is not float
-        else isinstance(value, (int, float)) and not isinstance(value, bool)
-    )
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected) and not isinstance(value, bool)
     if not ok:
         hint = f"write it as a plain {expected.__name__} in the YAML file"
+        if expected is bool:
+            hint = "write true or false (unquoted) in the YAML file"
         if isinstance(value, bool) and expected is str:
             hint = f"YAML reads off/on/yes/no as booleans: quote it ('{'on' if value else 'off'}')"
         raise ConfigError(
@@ -395,3 +512,30 @@ def _validate(c: SelfDistillConfig) -> None:
                   "full_vocab with forward_kl, or leave it unset")
         if c.vocab_term_clip <= 0:
             _fail("vocab_term_clip", f"got {c.vocab_term_clip}", "use a positive clamp (OPSD uses 0.05) or leave it unset")
+    if c.teacher_context_path is not None:
+        if c.teacher_context != "static":
+            _fail("teacher_context_path", f"is set together with {flag_name('teacher_context')} {c.teacher_context}",
+                  "a user-defined builder replaces the built-in contexts: drop one of the two")
+        if "." not in c.teacher_context_path.strip("."):
+            _fail("teacher_context_path", f"got {c.teacher_context_path!r}",
+                  "give module.function, e.g. my_pkg.contexts.build")
+        if c.teacher_overflow == "truncate_demonstration":
+            _fail("teacher_overflow", "'truncate_demonstration' cannot shorten a prompt a user-defined builder made",
+                  f"use error or drop with {flag_name('teacher_context_path')}")
+    if c.teacher_context == "self_revision":
+        _fail("teacher_context", "'self_revision' (SD-Zero's teacher, which reads its own attempt to revise it) is not "
+              "implemented yet", "use static or sdpo, or your own builder with --self-distill-teacher-context-path")
+    for name, (required, optional) in SDPO_TEMPLATE_FIELDS.items():
+        try:
+            check_template(getattr(c, name), origin=flag_name(name), fields=required, optional=optional)
+        except TemplateError as error:
+            raise ConfigError(str(error)) from None
+    if c.rl_combination == "hybrid" and not 0.0 <= c.weight <= 1.0:
+        _fail("weight", f"got {c.weight}, outside [0, 1] for hybrid",
+              "hybrid mixes (1 - w) * policy + w * distillation")
+    if c.weight < 0:
+        _fail("weight", f"got {c.weight}", "use a weight >= 0")
+    if c.rl_combination != "none" and c.num_loss_tokens_to_skip:
+        _fail("num_loss_tokens_to_skip", f"is {c.num_loss_tokens_to_skip} with {flag_name('rl_combination')} "
+              f"{c.rl_combination}", "the skipped tokens would leave slime's policy loss too (they leave the loss "
+              "mask): use 0 when combining with the policy loss")

@@ -24,6 +24,7 @@ before conversion, and any ABORTED/FAILED/TRUNCATED sample that does reach a con
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -32,6 +33,13 @@ from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
+from slime_self_distill.contexts.groups import (
+    ContextChoice,
+    GroupContexts,
+    builder_contexts,
+    reward_of,
+    sdpo_contexts,
+)
 from slime_self_distill.data_source import (
     DATA_SOURCE_PATH,
     DEMONSTRATION_KEY,
@@ -60,6 +68,9 @@ REASON_REMOVED = "remove_sample"
 REASON_EMPTY_RESPONSE = "empty_response"
 REASON_OVER_BUDGET = "teacher_prompt_over_budget"
 REASON_OVER_BUDGET_AFTER_TRUNCATION = "teacher_prompt_over_budget_after_truncation"
+
+# Prefix of the teacher-context metrics the converter logs into slime's rollout logging (SDPO's names).
+CONTEXT_METRICS_PREFIX = "rollout/self_distill/"
 
 
 # ------------------------------------------------------------------------------------- slime's default fields
@@ -148,7 +159,7 @@ def post_processed_rewards(args: Any, samples: Sequence[Any]) -> tuple:
         from slime.utils.misc import load_function
 
         return load_function(args.custom_reward_post_process_path)(args, samples)
-    raw_rewards = [sample.get_reward_value(args) for sample in samples]
+    raw_rewards = [reward_of(args, sample) for sample in samples]  # slime's get_reward_value, checked
     rewards = normalize_rewards(
         raw_rewards,
         advantage_estimator=args.advantage_estimator,
@@ -315,27 +326,27 @@ def _truncated_teacher_ids(
     return None if fitted is None else list(ids_of(fitted[0]))
 
 
-def teacher_view_for(
-    sample: Any,
-    *,
-    encode: Callable[[str], Sequence[int]],
-    config: SelfDistillConfig,
-    render: Optional[Callable[[Any, Any], str]] = None,
-) -> tuple:
-    """(teacher prompt ids, None) for a sample with a teacher, else (None, reason it has none)."""
-    length = sample.response_length
-    if not 0 <= length <= len(sample.tokens):
+def _check_response_length(sample: Any) -> None:
+    if not 0 <= sample.response_length <= len(sample.tokens):
         raise SelfDistillDataError(
-            f"{describe_sample(sample)}: response_length {length} does not fit in its {len(sample.tokens)} tokens"
+            f"{describe_sample(sample)}: response_length {sample.response_length} does not fit in its "
+            f"{len(sample.tokens)} tokens"
         )
-    plugin = _plugin_metadata(sample)
-    if MISSING_TEACHER_REASON_KEY in plugin:
-        return None, plugin[MISSING_TEACHER_REASON_KEY]
+
+
+def _untrainable_reason(sample: Any) -> Optional[str]:
+    """Why a sample gets no teacher whatever its teacher prompt (None when it can have one)."""
     if sample.remove_sample:
-        return None, f"{REASON_REMOVED}: slime marked the sample remove_sample (its loss mask is all zero)"
-    if length == 0:
-        return None, f"{REASON_EMPTY_RESPONSE}: the sample has no response token to distill"
-    prompt_ids = list(encode(plugin[TEACHER_PROMPT_TEXT_KEY]))
+        return f"{REASON_REMOVED}: slime marked the sample remove_sample (its loss mask is all zero)"
+    if sample.response_length == 0:
+        return f"{REASON_EMPTY_RESPONSE}: the sample has no response token to distill"
+    return None
+
+
+def _within_budget(sample: Any, prompt_ids: list, config: SelfDistillConfig,
+                   shortened_ids: Optional[Callable[[], Optional[list]]], what_is_shortened: str) -> tuple:
+    """(ids, None) when ``prompt_ids`` fit ``--self-distill-max-teacher-prompt-len``, else what
+    ``--self-distill-teacher-overflow`` says: an error, (None, reason), or ``shortened_ids()`` (None: nothing fits)."""
     budget = config.max_teacher_prompt_len
     if budget is None or len(prompt_ids) <= budget:
         return prompt_ids, None
@@ -344,16 +355,70 @@ def teacher_view_for(
         raise SelfDistillDataError(
             f"{describe_sample(sample)}: {over} (student prompt+response {len(sample.tokens)} tokens). Raise "
             f"{flag_name('max_teacher_prompt_len')}, or set {flag_name('teacher_overflow')} drop (leave such samples "
-            f"out of the distillation loss) or truncate_demonstration (shorten the demonstration to fit)"
+            f"out of the distillation loss) or truncate_demonstration (shorten the {what_is_shortened} to fit)"
         )
     if config.teacher_overflow == "drop":
         return None, f"{REASON_OVER_BUDGET}: {over}"
-    if render is None:
+    shortened = shortened_ids()
+    if shortened is None:
+        return None, f"{REASON_OVER_BUDGET_AFTER_TRUNCATION}: {over}, and still over with no {what_is_shortened} left"
+    return shortened, None
+
+
+def teacher_view_for(
+    sample: Any,
+    *,
+    encode: Callable[[str], Sequence[int]],
+    config: SelfDistillConfig,
+    render: Optional[Callable[[Any, Any], str]] = None,
+) -> tuple:
+    """The row's teacher prompt (``static``): (teacher prompt ids, None), or (None, reason it has none)."""
+    _check_response_length(sample)
+    plugin = _plugin_metadata(sample)
+    if MISSING_TEACHER_REASON_KEY in plugin:
+        return None, plugin[MISSING_TEACHER_REASON_KEY]
+    reason = _untrainable_reason(sample)
+    if reason is not None:
+        return None, reason
+    if config.teacher_overflow == "truncate_demonstration" and render is None:
         raise ValueError("teacher_view_for: truncate_demonstration needs render (the teacher prompt renderer)")
-    truncated = _truncated_teacher_ids(sample, plugin, encode=encode, render=render, config=config)
-    if truncated is None:
-        return None, f"{REASON_OVER_BUDGET_AFTER_TRUNCATION}: {over}, and still over with no demonstration left"
-    return truncated, None
+    return _within_budget(
+        sample, list(encode(plugin[TEACHER_PROMPT_TEXT_KEY])), config,
+        lambda: _truncated_teacher_ids(sample, plugin, encode=encode, render=render, config=config), "demonstration")
+
+
+def contextual_teacher_ids(
+    sample: Any,
+    choice: ContextChoice,
+    *,
+    encode: Callable[[str], Sequence[int]],
+    render: Callable[[Any, Any], str],
+    config: SelfDistillConfig,
+) -> tuple:
+    """A teacher prompt built from the rollout group, rendered and encoded like the student's: (ids, None), or
+    (None, reason)."""
+    _check_response_length(sample)
+    if choice.prompt is None:
+        return None, choice.reason
+    reason = _untrainable_reason(sample)
+    if reason is not None:
+        return None, reason
+    tools = sample.metadata.get("tools") if isinstance(sample.metadata, dict) else None
+
+    def ids_of(prompt: Any) -> list:
+        try:
+            return list(encode(render(prompt, tools)))
+        except (TypeError, ValueError) as error:
+            raise SelfDistillDataError(
+                f"{describe_sample(sample)}: its teacher prompt does not render ({error})") from None
+
+    def shortened_ids() -> Optional[list]:
+        if choice.shorten is None:
+            raise SelfDistillDataError(f"{describe_sample(sample)}: this teacher prompt cannot be shortened")
+        fitted = choice.shorten(lambda prompt: len(ids_of(prompt)) <= config.max_teacher_prompt_len)
+        return None if fitted is None else ids_of(fitted)
+
+    return _within_budget(sample, ids_of(choice.prompt), config, shortened_ids, "solution or feedback")
 
 
 def build_teacher_views(
@@ -363,13 +428,18 @@ def build_teacher_views(
     config: SelfDistillConfig,
     render: Optional[Callable[[Any, Any], str]] = None,
 ) -> list:
-    """One ``TeacherView`` per sample; loss weights ``n_samples / n_with_teacher`` over the whole call.
+    """One ``TeacherView`` per sample from the rows' teacher prompts (``static``); see ``teacher_views``.
 
     ``samples`` need ``tokens``, ``response_length``, ``metadata``, ``remove_sample`` (and ``index``,
     ``group_index``, ``prompt`` for messages); ``encode(text)`` is the teacher prompt tokenizer call; ``render``
     (needed by ``truncate_demonstration`` only) renders a teacher prompt like slime's Dataset.
     """
-    decisions = [teacher_view_for(s, encode=encode, config=config, render=render) for s in samples]
+    return teacher_views(samples, [teacher_view_for(s, encode=encode, config=config, render=render) for s in samples])
+
+
+def teacher_views(samples: Sequence[Any], decisions: Sequence[tuple]) -> list:
+    """One ``TeacherView`` per sample from its (teacher prompt ids or None, reason); loss weights
+    ``n_samples / n_with_teacher`` over the whole call (the per-sample mean over the samples with a teacher)."""
     n_with_teacher = sum(ids is not None for ids, _ in decisions)
     weight = len(samples) / n_with_teacher if n_with_teacher else 0.0
     views = []
@@ -430,18 +500,84 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
     def encode(text: str) -> tuple:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-    data[PAYLOAD_KEY] = build_teacher_views(
-        samples,
-        encode=encode,
-        config=config,
-        render=teacher_prompt_renderer(args, config) if config.teacher_overflow == "truncate_demonstration" else None,
-    )
-    return restrict_loss_masks(data, config.num_loss_tokens_to_skip)
+    if config.teacher_prompt_from_row:
+        truncates = config.teacher_overflow == "truncate_demonstration"
+        views = build_teacher_views(samples, encode=encode, config=config,
+                                    render=teacher_prompt_renderer(args, config) if truncates else None)
+    else:
+        contexts = group_contexts(args, samples, config,
+                                  decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        render = teacher_prompt_renderer(args, config)
+        views = teacher_views(samples, [
+            contextual_teacher_ids(sample, choice, encode=encode, render=render, config=config)
+            for sample, choice in zip(samples, contexts.choices, strict=True)])
+        log_context_metrics(args, contexts.metrics, views)
+    data[PAYLOAD_KEY] = views
+    data = restrict_loss_masks(data, config.num_loss_tokens_to_skip,
+                               keep_masks_without_teacher=config.rl_combination != "none")
+    if getattr(args, "calculate_per_token_loss", False):
+        data[PAYLOAD_KEY] = with_per_token_loss_weights(data[PAYLOAD_KEY], data["loss_masks"])
+    return data
 
 
-def restrict_loss_masks(data: dict, num_loss_tokens_to_skip: int) -> dict:
-    """Zero the loss mask of every sample without a teacher and of the first ``num_loss_tokens_to_skip`` tokens of
-    every sample (``--self-distill-num-loss-tokens-to-skip``); recompute ``rollout_mask_sums``.
+def group_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig,
+                   decode: Callable[[list], str]) -> GroupContexts:
+    """The teacher prompts built from the rollout groups: SDPO's, or the user-defined builder's."""
+    if config.teacher_context_path is None:
+        return sdpo_contexts(args, samples, config, decode)
+    from slime.utils.misc import load_function
+
+    return builder_contexts(args, samples, load_function(config.teacher_context_path), config.teacher_context_path)
+
+
+def context_metrics(contexts_metrics: dict, views: Sequence[TeacherView]) -> dict:
+    """The rollout's metrics of a context built after rewards, as logged: the context's own (SDPO's fractions), the
+    fraction of samples in the distillation loss, and the teacher prompts' token lengths."""
+    prompt_lengths = [view.prompt_length for view in views if view.has_teacher]
+    metrics = dict(contexts_metrics)
+    metrics["distilled_sample_fraction"] = len(prompt_lengths) / len(views)
+    if prompt_lengths:
+        metrics |= {"teacher_prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths),
+                    "teacher_prompt_len_max": max(prompt_lengths), "teacher_prompt_len_min": min(prompt_lengths)}
+    return {f"{CONTEXT_METRICS_PREFIX}{name}": value for name, value in metrics.items()}
+
+
+def log_context_metrics(args: Any, contexts_metrics: dict, views: Sequence[TeacherView]) -> None:
+    """Log ``context_metrics`` into slime's rollout logging (wandb / tensorboard, at the rollout's step) and the log.
+
+    slime logs a rollout before converting it, so the converter logs its own entry at the same step: slime's
+    ``logging_utils.log`` with ``rollout/step``, read from slime's current rollout id."""
+    metrics = context_metrics(contexts_metrics, views)
+    logger.info("self-distillation teacher context: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if getattr(args, "load_debug_rollout_data", None):  # slime logs no rollout metrics then either
+        return
+    from slime.observability import logging_utils
+    from slime.observability.metric_utils import compute_rollout_step
+    from slime.rollout import sample_hooks
+
+    rollout_id = sample_hooks._current_rollout_id  # set by RolloutManager.generate before the rollout
+    if rollout_id is None:
+        return
+    logging_utils.log(args, {**metrics, "rollout/step": compute_rollout_step(args, rollout_id)},
+                      step_key="rollout/step")
+
+
+def with_per_token_loss_weights(views: Sequence[TeacherView], loss_masks: Sequence[Sequence[int]]) -> list:
+    """Views whose ``loss_weight`` makes slime's per-token mean (``--calculate-per-token-loss``) a mean over the
+    loss tokens of the samples with a teacher: slime divides by every sample's token count (at least 1 per sample,
+    its clamp), so each distilled token is weighted by that count over the distilled samples' token count (over the
+    rollout: exact when a rollout is one training step)."""
+    token_counts = [int(sum(mask)) for mask in loss_masks]
+    slime_count = sum(max(count, 1) for count in token_counts)
+    distilled = sum(count for count, view in zip(token_counts, views, strict=True) if view.has_teacher)
+    weight = slime_count / distilled if distilled else 1.0
+    return [dataclasses.replace(view, loss_weight=weight) if view.has_teacher else view for view in views]
+
+
+def restrict_loss_masks(data: dict, num_loss_tokens_to_skip: int, keep_masks_without_teacher: bool = False) -> dict:
+    """Zero the loss mask of every sample without a teacher (unless ``keep_masks_without_teacher``: slime's policy
+    loss still trains them) and of the first ``num_loss_tokens_to_skip`` tokens of every sample
+    (``--self-distill-num-loss-tokens-to-skip``); recompute ``rollout_mask_sums``.
 
     The loss already gives samples without a teacher weight 0; zeroing their masks also takes their tokens out of
     slime's denominators (the token count of ``--calculate-per-token-loss`` and the per-rollout mask sums). The
@@ -449,7 +585,8 @@ def restrict_loss_masks(data: dict, num_loss_tokens_to_skip: int) -> dict:
     """
     views = data[PAYLOAD_KEY]
     data["loss_masks"] = [
-        mask_leading_tokens(mask, num_loss_tokens_to_skip) if view.has_teacher else [0] * len(mask)
+        mask_leading_tokens(mask, num_loss_tokens_to_skip) if view.has_teacher or keep_masks_without_teacher
+        else [0] * len(mask)
         for mask, view in zip(data["loss_masks"], views, strict=True)
     ]
     data["rollout_mask_sums"] = rollout_mask_sums(data["rollout_ids"], data["loss_masks"])

@@ -248,9 +248,8 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
         }
         teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
         response_length = response_lengths[i]
+        # the converter's weight: the mean over the samples (or, per token, the tokens) that have a teacher
         weight = 1.0 if weights is None else float(weights[i])
-        if args.calculate_per_token_loss:
-            weight = float(weight > 0)  # slime's token count is the denominator: only exclusion applies
         samples.append(
             SampleRows(
                 logits=rows,
@@ -269,4 +268,24 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     per_token = per_token_distillation(
         samples, config, tp_group=tp_group, data_parallel_group=dp_group, context_parallel_group=cp_group
     )
-    return reduce_per_token_loss(per_token, sum_of_sample_mean, logits)
+    distillation = reduce_per_token_loss(per_token, sum_of_sample_mean, logits)
+    if config.rl_combination == "none":
+        return distillation
+    from slime.backends.megatron_utils.loss import policy_loss_function
+
+    return combine_with_policy_loss(config, policy_loss_function(args, batch, logits, sum_of_sample_mean), distillation)
+
+
+def combine_with_policy_loss(config: SelfDistillConfig, policy: tuple,
+                             distillation: tuple) -> tuple[torch.Tensor, dict]:
+    """``--self-distill-rl-combination``: hybrid ``(1 - w) * P + w * D`` or additive ``P + w * D`` of slime's policy
+    loss P and the distillation loss D, both ``(loss, metrics)`` reduced by slime's ``sum_of_sample_mean`` (so slime's
+    rescaling applies to the sum). slime's metrics keep their names, ``loss`` is the combined loss, D is reported as
+    ``self_distill_loss``."""
+    (policy_loss, policy_metrics), (distillation_loss, distillation_metrics) = policy, distillation
+    policy_scale = 1.0 - config.weight if config.rl_combination == "hybrid" else 1.0
+    loss = policy_scale * policy_loss + config.weight * distillation_loss
+    metrics = {**policy_metrics, **{name: value for name, value in distillation_metrics.items() if name != "loss"}}
+    metrics["self_distill_loss"] = distillation_metrics["loss"]
+    metrics["loss"] = loss.detach().clone()
+    return loss, metrics

@@ -24,9 +24,11 @@ counters. slime is imported only when the class is first accessed, so this modul
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,6 +43,11 @@ MISSING_TEACHER_REASON_KEY = "missing_teacher_reason"
 # Written by prepare_dataset when the teacher prompt was built from a demonstration.
 DEMONSTRATION_KEY = "demonstration"
 TEMPLATE_KEY = "template"
+# Written by the data source when the teacher prompt is built after rewards (SDPO, a user-defined builder): the raw
+# student prompt (chat messages, or the string slime feeds), which slime's Dataset does not keep.
+STUDENT_PROMPT_KEY = "student_prompt"
+
+logger = logging.getLogger(__name__)
 
 DATA_SOURCE_PATH = "slime_self_distill.data_source.SelfDistillRolloutDataSource"
 PROMPT_EXCERPT_CHARS = 80
@@ -123,6 +130,50 @@ def annotate_teacher_prompt(
             f"{flag_name('missing_teacher')} exclude to keep such samples for rollout but out of the distillation loss"
         )
     metadata[PLUGIN_METADATA_KEY] = plugin
+
+
+_AMBIGUOUS = object()  # two different raw prompts that render to the same text
+
+
+def student_prompt_index(rows: Iterator[tuple[int, Any]], keys: "PromptDataKeys",
+                         render: Callable[[Any, Any], str]) -> dict:
+    """``{rendered student prompt: raw prompt}`` of the ``--prompt-data`` rows, rendered as slime's ``Dataset`` renders
+    them (``render(prompt, tools)``; under ``--apply-chat-template`` a string prompt is one user message). Rows slime
+    could not read are left out (slime stops on them itself)."""
+    index: dict = {}
+    for _, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get(keys.input_key), (str, list)):
+            continue
+        raw = row[keys.input_key]
+        if isinstance(raw, str) and keys.apply_chat_template:
+            raw = [{"role": "user", "content": raw}]
+        tools = row.get(keys.tool_key) if keys.tool_key else None
+        rendered = render(raw, json.loads(tools) if isinstance(tools, str) else tools)
+        if index.get(rendered, raw) != raw:
+            raw = _AMBIGUOUS
+        index[rendered] = raw
+    return index
+
+
+def annotate_student_prompt(metadata: dict, prompt: Any, *, index: Optional[dict], required: bool,
+                            sample_description: str) -> None:
+    """Record the raw student prompt in ``metadata["self_distill"]["student_prompt"]``: the rendered prompt looked up
+    in ``index`` (None: no chat template, the prompt is the raw string). ``required`` (SDPO) makes a prompt that is in
+    no row an error; a user-defined builder just finds no entry."""
+    raw = prompt if index is None else index.get(prompt)
+    if raw is _AMBIGUOUS:
+        raise SelfDistillDataError(
+            f"{sample_description}: two different rows of --prompt-data render to this same prompt, so its raw chat "
+            "messages are ambiguous; remove the duplicate"
+        )
+    plugin = metadata.setdefault(PLUGIN_METADATA_KEY, {})
+    if raw is not None:
+        plugin[STUDENT_PROMPT_KEY] = copy.deepcopy(raw)  # the sample's own: a builder may change it
+    elif required:
+        raise SelfDistillDataError(
+            f"{sample_description}: its prompt is not the rendering of any --prompt-data row, so the raw messages the "
+            "reprompt replaces the last user message of are unknown (did the rollout function change sample.prompt?)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the prompt file
@@ -211,6 +262,8 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
     metadata = row.get(keys.metadata_key) or {}
     if not isinstance(metadata, dict):
         return f"--metadata-key {keys.metadata_key!r} is a {type(metadata).__name__}, expected an object", False
+    if not config.teacher_prompt_from_row:  # the teacher prompt is built after rewards: the row needs none
+        return None, True
     problem = teacher_prompt_problem(metadata.get(config.teacher_prompt_key),
                                      apply_chat_template=keys.apply_chat_template)
     if problem is None:
@@ -234,7 +287,7 @@ def check_prompt_data(path: str, keys: PromptDataKeys, config: SelfDistillConfig
     for number, row in read_prompt_rows(path):
         report.rows += 1
         problem, has_teacher = prompt_row_problem(row, keys, config)
-        if problem is None and has_teacher and teacher_prompt_tokens is not None:
+        if problem is None and has_teacher and teacher_prompt_tokens is not None and config.teacher_prompt_from_row:
             tools = row.get(keys.tool_key) if keys.tool_key else None
             try:
                 length = teacher_prompt_tokens(row[keys.metadata_key][config.teacher_prompt_key],
@@ -263,22 +316,27 @@ def load_hf_tokenizer(hf_checkpoint: str):
     return load_tokenizer(hf_checkpoint, trust_remote_code=True)
 
 
-def teacher_renderer(tokenizer: Any, config: SelfDistillConfig, *, apply_chat_template: bool,
-                     apply_chat_template_kwargs: Optional[dict]) -> Callable[[Any, Any], str]:
-    """``render(prompt, tools)`` of teacher prompts with ``tokenizer``: with the chat template when
-    ``--apply-chat-template``, given ``--self-distill-teacher-chat-template-kwargs`` when set (e.g. a teacher reading
-    in thinking mode), else the student's ``--apply-chat-template-kwargs``."""
+def prompt_renderer(tokenizer: Any, *, apply_chat_template: bool,
+                    apply_chat_template_kwargs: Optional[dict]) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` with ``tokenizer``, as slime's ``Dataset`` renders a prompt
+    (``templates.render_prompt``)."""
     from slime_self_distill.templates import render_prompt
-
-    kwargs = config.teacher_chat_template_kwargs
-    if kwargs is None:
-        kwargs = apply_chat_template_kwargs
 
     def render(prompt: Any, tools: Any) -> str:
         return render_prompt(prompt, tokenizer, apply_chat_template=apply_chat_template,
-                             apply_chat_template_kwargs=kwargs, tools=tools)
+                             apply_chat_template_kwargs=apply_chat_template_kwargs, tools=tools)
 
     return render
+
+
+def teacher_renderer(tokenizer: Any, config: SelfDistillConfig, *, apply_chat_template: bool,
+                     apply_chat_template_kwargs: Optional[dict]) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` of teacher prompts: with the chat template when ``--apply-chat-template``, given
+    ``--self-distill-teacher-chat-template-kwargs`` when set (e.g. a teacher reading in thinking mode), else the
+    student's ``--apply-chat-template-kwargs``."""
+    kwargs = config.teacher_chat_template_kwargs
+    return prompt_renderer(tokenizer, apply_chat_template=apply_chat_template,
+                           apply_chat_template_kwargs=apply_chat_template_kwargs if kwargs is None else kwargs)
 
 
 def teacher_prompt_renderer(args: Any, config: SelfDistillConfig) -> Callable[[Any, Any], str]:
@@ -286,6 +344,18 @@ def teacher_prompt_renderer(args: Any, config: SelfDistillConfig) -> Callable[[A
     return teacher_renderer(load_hf_tokenizer(args.hf_checkpoint), config,
                             apply_chat_template=bool(args.apply_chat_template),
                             apply_chat_template_kwargs=args.apply_chat_template_kwargs)
+
+
+def student_prompt_renderer(args: Any) -> Callable[[Any, Any], str]:
+    """``render(prompt, tools)`` of student prompts exactly as slime's ``Dataset`` (its chat-template arguments)."""
+    return prompt_renderer(load_hf_tokenizer(args.hf_checkpoint), apply_chat_template=bool(args.apply_chat_template),
+                           apply_chat_template_kwargs=args.apply_chat_template_kwargs)
+
+
+def prompt_data_keys(args: Any) -> PromptDataKeys:
+    """Where slime's ``Dataset`` reads a row's fields, from slime's parsed arguments."""
+    return PromptDataKeys(input_key=args.input_key, metadata_key=args.metadata_key, label_key=args.label_key,
+                          tool_key=args.tool_key, apply_chat_template=bool(args.apply_chat_template))
 
 
 def check_supported_args(args: Any) -> None:
@@ -313,18 +383,38 @@ def _build_data_source_class() -> type:
             self.self_distill_config = SelfDistillConfig.from_args(args)
             super().__init__(args)
             self._render = teacher_prompt_renderer(args, self.self_distill_config)
+            self._student_prompts = None
+            if self.self_distill_config.builds_sdpo_context and self.dataset is None:
+                raise SelfDistillDataError(
+                    f"{flag_name('teacher_context')} sdpo rewrites the last user message of each sample's prompt, "
+                    "which slime's data source knows only for the prompts of --prompt-data with "
+                    "--rollout-global-dataset; give both, or build your own teacher context with "
+                    f"{flag_name('teacher_context_path')}"
+                )
+            if (not self.self_distill_config.teacher_prompt_from_row and args.apply_chat_template
+                    and self.dataset is not None):
+                self._student_prompts = student_prompt_index(
+                    read_prompt_rows(args.prompt_data), prompt_data_keys(args), student_prompt_renderer(args))
+                logger.info("self-distillation: indexed the raw prompts of %d rows of %s for the teacher context",
+                            len(self._student_prompts), args.prompt_data)
 
         def get_samples(self, num_samples: int):
             groups = super().get_samples(num_samples)
+            config = self.self_distill_config
             for group in groups:
                 for sample in group:
-                    annotate_teacher_prompt(
-                        sample.metadata,
-                        config=self.self_distill_config,
-                        apply_chat_template=bool(self.args.apply_chat_template),
-                        render=self._render,
-                        sample_description=describe_sample(sample),
-                    )
+                    if config.teacher_prompt_from_row:
+                        annotate_teacher_prompt(
+                            sample.metadata,
+                            config=config,
+                            apply_chat_template=bool(self.args.apply_chat_template),
+                            render=self._render,
+                            sample_description=describe_sample(sample),
+                        )
+                    else:
+                        annotate_student_prompt(sample.metadata, sample.prompt, index=self._student_prompts,
+                                                required=config.builds_sdpo_context,
+                                                sample_description=describe_sample(sample))
             return groups
 
     SelfDistillRolloutDataSource.__module__ = __name__

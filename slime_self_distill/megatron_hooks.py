@@ -114,6 +114,30 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             f"--overlap-param-gather, or use {flag_name('ema_update_interval')} rollout (slime gathers the "
             "parameters at the end of each rollout's training)"
         )
+    if config.rl_combination == "none":
+        ignored = [flag for flag, set_ in (
+            ("--use-kl-loss", getattr(args, "use_kl_loss", False)),
+            ("--kl-coef", getattr(args, "kl_coef", 0.0) != 0),
+            ("--entropy-coef", getattr(args, "entropy_coef", 0.0) != 0),
+            ("--use-tis", getattr(args, "use_tis", False)),
+            ("--use-opsm", getattr(args, "use_opsm", False)),
+            ("--custom-pg-loss-reducer-function-path", getattr(args, "custom_pg_loss_reducer_function_path", None)),
+        ) if set_]
+        if ignored:
+            raise ConfigError(
+                f"{', '.join(ignored)} shape{'s' if len(ignored) == 1 else ''} slime's policy loss, which "
+                f"{flag_name('rl_combination')} none never computes (the distillation loss replaces it), so slime "
+                f"would ignore {'it' if len(ignored) == 1 else 'them'}; drop {'it' if len(ignored) == 1 else 'them'}, "
+                f"or add the policy loss with {flag_name('rl_combination')} hybrid or additive"
+            )
+    if (config.builds_sdpo_context and getattr(args, "n_samples_per_prompt", 2) == 1
+            and config.dont_reprompt_on_self_success and config.feedback == "off"):
+        raise ConfigError(
+            f"{flag_name('teacher_context')} sdpo with --n-samples-per-prompt 1, "
+            f"{flag_name('dont_reprompt_on_self_success')} true and {flag_name('feedback')} off gives no sample a "
+            "teacher (a solution comes from another response of the same prompt); sample several responses per "
+            "prompt (SDPO uses 8), or use the reward function's feedback"
+        )
     if getattr(args, "use_critic", False):
         raise ConfigError(
             "--advantage-estimator ppo trains a critic (a value model) that the self-distillation loss never uses, "
@@ -608,7 +632,8 @@ def install(args: Any) -> None:
     slime_version = slime_compat.verify()
     check_args(args, config)
     spec = TeacherOutputSpec.from_config(config, args.rollout_temperature)
-    for warning in unused_pass_warnings(args) + config.ineffective_settings(SelfDistillConfig.explicit_settings(args)):
+    explicit = SelfDistillConfig.explicit_settings(args)
+    for warning in unused_pass_warnings(args, config) + config.ineffective_settings(explicit):
         logger.warning("slime_self_distill: %s", warning)
 
     actor = importlib.import_module(_ACTOR)
@@ -646,10 +671,11 @@ def install(args: Any) -> None:
     )
 
 
-def unused_pass_warnings(args: Any) -> list[str]:
+def unused_pass_warnings(args: Any, config: SelfDistillConfig) -> list[str]:
     """slime passes whose results the self-distillation loss never reads."""
     warnings = []
-    if routing_replay_needs_student_pass(args) or getattr(args, "log_correct_samples", False):
+    if (routing_replay_needs_student_pass(args) or getattr(args, "log_correct_samples", False)
+            or config.rl_combination != "none"):  # slime's policy loss reads the student's log-probs
         return warnings  # the pass records the routing, or --log-correct-samples reads it: not to be skipped
     if not getattr(args, "use_rollout_logprobs", False) or getattr(args, "get_mismatch_metrics", False):
         warnings.append(

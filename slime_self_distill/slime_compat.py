@@ -24,6 +24,9 @@ _BACKUPER = "slime.utils.tensor_backper"
 _METRICS = "slime.observability.train_metric_utils"
 _DEBUG_DUMP = "slime.observability.train_data_utils"
 _DISTRIBUTED = "slime.utils.distributed_utils"
+_ROLLOUT_MANAGER = "slime.ray.rollout"
+_LOGGING = "slime.observability.logging_utils"
+_SAMPLE_HOOKS = "slime.rollout.sample_hooks"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,13 @@ EXPECTED_FUNCTIONS = (
     ExpectedFunction(_LOSS, "get_responses",
                      "(logits, *, args, unconcat_tokens, total_lengths, response_lengths, apply_temperature=True)",
                      "called: extracts the teacher's response logits"),
+    ExpectedFunction(_LOSS, "policy_loss_function", "(args, batch, logits, sum_of_sample_mean)",
+                     "called: slime's policy loss, combined with the distillation loss under "
+                     "--self-distill-rl-combination hybrid or additive"),
+    ExpectedFunction(_LOGGING, "log", "(args, metrics, step_key)",
+                     "called by the converter: logs the teacher-context metrics of each rollout"),
+    ExpectedFunction("slime.observability.metric_utils", "compute_rollout_step", "(args, rollout_id)",
+                     "called by the converter: the step of the teacher-context metrics"),
     ExpectedFunction(_METRICS, "log_rollout_data", "(rollout_id, args, rollout_data)",
                      "wrapped: sees rollout data without the plugin's keys"),
     ExpectedFunction(_DEBUG_DUMP, "save_debug_train_data", "(args, *, rollout_id, rollout_data)",
@@ -110,6 +120,12 @@ SOURCE_FACTS = (
     (_MODEL, "train_one_step", ("get_batch(", '"teacher_log_probs"', "optimizer.step()"),
      "training batches request teacher_log_probs through the module global get_batch"),
     (_MODEL, "train", ("train_one_step(",), "train runs the module global train_one_step per optimizer step"),
+    (_SAMPLE_HOOKS, "set_current_rollout_id", ("global _current_rollout_id", "_current_rollout_id = rollout_id"),
+     "the current rollout id is the module global _current_rollout_id (the converter reads it for its metrics' step)"),
+    (_ROLLOUT_MANAGER, "RolloutManager.generate",
+     ("set_current_rollout_id(rollout_id)", "log_rollout_data(", "self._convert_samples_to_train_data("),
+     "the rollout id is set before the rollout, and slime logs the rollout's metrics before the converter runs "
+     "(so the converter logs the teacher-context metrics itself, at the same step)"),
 )
 
 

@@ -51,9 +51,11 @@ class TemplateError(ValueError):
     """A template spec that is not a known name, a readable file or a valid format string."""
 
 
-def check_template(template: str, *, origin: str = "template", fields: tuple = TEMPLATE_FIELDS) -> str:
+def check_template(template: str, *, origin: str = "template", fields: tuple = TEMPLATE_FIELDS,
+                   optional: tuple = ()) -> str:
     """Return ``template`` if it is a format string whose only fields are plain ``fields`` (by default ``{prompt}``
-    and ``{demonstration}``), each used at least once; raise TemplateError naming ``origin`` otherwise."""
+    and ``{demonstration}``), each used at least once, or ``optional`` ones; raise TemplateError naming ``origin``
+    otherwise."""
     if not isinstance(template, str):
         raise TemplateError(f"{origin}: a template must be a str, got {type(template).__name__}")
     try:
@@ -66,9 +68,9 @@ def check_template(template: str, *, origin: str = "template", fields: tuple = T
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
-        if field not in fields or spec or conversion:
+        if field not in (*fields, *optional) or spec or conversion:
             shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            allowed = " and ".join(f"{{{f}}}" for f in fields)
+            allowed = " and ".join(f"{{{f}}}" for f in (*fields, *optional))
             raise TemplateError(
                 f"{origin}: field {shown} is not allowed; a template may use only plain {allowed} (write literal "
                 "braces as '{{{{' and '}}}}')"
@@ -116,7 +118,7 @@ def _last_user_turn(messages: list) -> int:
     return user_turns[-1]
 
 
-def _fill(prompt: Prompt, fill: Callable[[str], str], what: str) -> Prompt:
+def fill_last_user_turn(prompt: Prompt, fill: Callable[[str], str], what: str) -> Prompt:
     """A string prompt gives ``fill(prompt)``; chat messages give a deep copy whose LAST user turn's content is
     ``fill(content)``, every other turn unchanged."""
     if isinstance(prompt, str):
@@ -144,14 +146,15 @@ def build_teacher_prompt(prompt: Prompt, demonstration: str, template: str) -> P
     check_template(template)
     if not isinstance(demonstration, str):
         raise TypeError(f"demonstration must be a str, got {type(demonstration).__name__}")
-    return _fill(prompt, lambda question: template.format(prompt=question, demonstration=demonstration), "teacher")
+    return fill_last_user_turn(
+        prompt, lambda question: template.format(prompt=question, demonstration=demonstration), "teacher")
 
 
 def build_student_prompt(prompt: Prompt, template: str) -> Prompt:
     """The student's prompt: ``template`` (fields: ``{prompt}`` only) around the question, in the last user turn of
     chat messages; the teacher template still gets the bare question."""
     check_template(template, fields=("prompt",))
-    return _fill(prompt, lambda question: template.format(prompt=question), "student")
+    return fill_last_user_turn(prompt, lambda question: template.format(prompt=question), "student")
 
 
 def render_prompt(
@@ -188,34 +191,40 @@ def render_prompt(
     )
 
 
+def longest_fitting_prefix(length: int, fits_at: Callable[[int], bool]) -> Optional[int]:
+    """The largest ``kept`` in ``[0, length]`` found by binary search with ``fits_at(kept)`` true, or None when even
+    ``fits_at(0)`` is false (O(log length) calls).
+
+    Maximal in the sense that ``fits_at`` holds at ``kept`` and fails at ``kept + 1``; with a tokenizer-based
+    ``fits_at`` token counts are almost, not strictly, monotone in the prefix length, so a longer prefix further on
+    could in principle fit again.
+    """
+    if fits_at(length):
+        return length
+    if not fits_at(0):
+        return None
+    fitting, too_long = 0, length  # invariant: fits_at(fitting) and not fits_at(too_long)
+    while too_long - fitting > 1:
+        middle = (fitting + too_long) // 2
+        if fits_at(middle):
+            fitting = middle
+        else:
+            too_long = middle
+    return fitting
+
+
 def truncate_demonstration_to_fit(
     prompt: Prompt,
     demonstration: str,
     template: str,
     fits: Callable[[Prompt], bool],
 ) -> Optional[tuple[Prompt, int]]:
-    """``(teacher_prompt, kept_chars)`` for the longest prefix of ``demonstration`` whose teacher prompt ``fits``;
-    None when even an empty demonstration does not fit. The question is never shortened.
-
-    Binary search on the number of characters kept (O(log len) calls of ``fits``). The result is maximal in the
-    sense that ``fits`` holds at ``kept_chars`` and fails at ``kept_chars + 1``; with a tokenizer-based ``fits``
-    token counts are almost, not strictly, monotone in the prefix length, so a longer prefix further on could in
-    principle fit again.
-    """
+    """``(teacher_prompt, kept_chars)`` for the longest prefix of ``demonstration`` whose teacher prompt ``fits``
+    (``longest_fitting_prefix``); None when even an empty demonstration does not fit. The question is never
+    shortened."""
 
     def teacher_with(kept: int) -> Prompt:
         return build_teacher_prompt(prompt, demonstration[:kept], template)
 
-    full = teacher_with(len(demonstration))
-    if fits(full):
-        return full, len(demonstration)
-    if not fits(teacher_with(0)):
-        return None
-    fitting, too_long = 0, len(demonstration)  # invariant: fits(fitting) and not fits(too_long)
-    while too_long - fitting > 1:
-        middle = (fitting + too_long) // 2
-        if fits(teacher_with(middle)):
-            fitting = middle
-        else:
-            too_long = middle
-    return teacher_with(fitting), fitting
+    kept = longest_fitting_prefix(len(demonstration), lambda chars: fits(teacher_with(chars)))
+    return None if kept is None else (teacher_with(kept), kept)

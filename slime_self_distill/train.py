@@ -170,6 +170,17 @@ def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
     return value
 
 
+def given_value(argv: Sequence[str], flag: str) -> str:
+    """What ``argv`` gives ``flag`` last, as typed: its value, or "" for a switch (no value after it)."""
+    shown = ""
+    for i, token in enumerate(argv):
+        if token == flag:
+            shown = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        elif token.startswith(flag + "="):
+            shown = token.split("=", 1)[1]
+    return shown
+
+
 def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tuple[list[str], list[str]]:
     """Append what the plugin needs and the user did not give; returns (new argv, the arguments filled in).
 
@@ -182,7 +193,8 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
         if flag not in present:
             filled.append([flag, value])
     needs_student_pass = bool(present & set(KEEPS_STUDENT_PASS_FLAGS)) or (
-        "--use-routing-replay" in present and "--use-rollout-routing-replay" not in present)
+        "--use-routing-replay" in present and "--use-rollout-routing-replay" not in present) or (
+        config.rl_combination != "none")  # slime's policy loss: old log-probs from the trainer, as slime computes them
     if USE_ROLLOUT_LOGPROBS_FLAG not in present and not needs_student_pass:
         filled.append([USE_ROLLOUT_LOGPROBS_FLAG])
     uses_opd = USE_OPD_FLAG in present
@@ -344,8 +356,9 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
         raise ConfigError(f"{error}{where}") from None
     warnings = config.ineffective_settings(SelfDistillConfig.explicit_settings(settings))
     for flag in sorted(given_flags(from_recipe_args) & given_flags(argv)):
-        warnings.append(f"{flag} {flag_value(argv, flag) or ''} on the command line replaces the recipe's "
-                        f"{flag} {flag_value(from_recipe_args, flag) or ''}".replace("  ", " "))
+        ours, recipes = given_value(argv, flag), given_value(from_recipe_args, flag)
+        if ours != recipes:  # a switch (no value) or the same value twice replaces nothing
+            warnings.append(f"{flag} {ours} on the command line replaces the recipe's {flag} {recipes}")
     slime_argv, filled = fill_plugin_defaults([*from_recipe_args, *argv], config)
     return LaunchPlan(slime_argv, filled, config, recipe, path, warnings)
 
@@ -424,6 +437,8 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
     if report.longest_teacher_prompt is not None:
         rendering = f"teacher prompts rendered and encoded: up to {report.longest_teacher_prompt} tokens"
+    if not plan.config.teacher_prompt_from_row:
+        rendering = "teacher prompts are built from each rollout group after rewards"
     return f"--prompt-data {path}: {report.rows} rows OK{excluded}; {rendering}"
 
 

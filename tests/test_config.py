@@ -87,6 +87,19 @@ def test_misspelt_yaml_key_is_an_error():
         ({"host_memory_budget_gb": 0.0}, "--self-distill-host-memory-budget-gb", "GiB"),
         ({"kl_scope": "whole"}, "--self-distill-kl-scope", "full_vocab, topk, sampled_token"),
         ({"teacher_prompt_key": ""}, "--self-distill-teacher-prompt-key", "metadata key"),
+        ({"teacher_context": "self_revision"}, "--self-distill-teacher-context", "not implemented yet"),
+        ({"teacher_context": "sdpo", "teacher_context_path": "my.build"}, "--self-distill-teacher-context-path",
+         "drop one of the two"),
+        ({"teacher_context_path": "build"}, "--self-distill-teacher-context-path", "module.function"),
+        ({"teacher_context_path": "my.build", "max_teacher_prompt_len": 8,
+          "teacher_overflow": "truncate_demonstration"}, "--self-distill-teacher-overflow", "error or drop"),
+        ({"reprompt_template": "{solution}{feedback}"}, "--self-distill-reprompt-template", "never uses {prompt}"),
+        ({"solution_template": "{solution}"}, "--self-distill-solution-template", "{successful_previous_attempt}"),
+        ({"feedback_template": "{feedback_raw:>3}"}, "--self-distill-feedback-template", "not allowed"),
+        ({"rl_combination": "hybrid", "weight": 1.5}, "--self-distill-weight", "(1 - w) * policy"),
+        ({"rl_combination": "additive", "weight": -1.0}, "--self-distill-weight", ">= 0"),
+        ({"rl_combination": "additive", "num_loss_tokens_to_skip": 3}, "--self-distill-num-loss-tokens-to-skip",
+         "policy loss"),
     ],
 )
 def test_invalid_values_name_the_flag_and_the_fix(kwargs, flag, fix):
@@ -94,6 +107,37 @@ def test_invalid_values_name_the_flag_and_the_fix(kwargs, flag, fix):
         SelfDistillConfig(**kwargs)
     assert flag in str(excinfo.value)
     assert fix in str(excinfo.value)
+
+
+def test_bool_knobs_parse_from_flags_and_refuse_strings_in_yaml():
+    for text, value in (("false", False), ("True", True), ("0", False), ("on", True)):
+        args = parse(["--self-distill-remove-thinking", text])
+        assert SelfDistillConfig.from_args(args).remove_thinking is value
+    with pytest.raises(SystemExit):
+        parse(["--self-distill-remove-thinking", "maybe"])
+    with pytest.raises(ConfigError, match="must be bool.*write true or false"):
+        SelfDistillConfig.from_args(SimpleNamespace(self_distill_dont_reprompt_on_self_success="yes"))
+
+
+def test_sdpo_defaults_are_the_official_rules_and_templates():
+    config = SelfDistillConfig()
+    assert (config.success_threshold, config.dont_reprompt_on_self_success, config.remove_thinking,
+            config.feedback, config.rl_combination, config.weight) == (1.0, True, True, "without_solution", "none", 1.0)
+    # lasgroup/SDPO verl/trainer/config/actor/actor.yaml, the YAML block scalars (|-) as the official scripts load them
+    assert config.reprompt_template == "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+    assert config.solution_template == "\nCorrect solution:\n\n{successful_previous_attempt}"
+    assert config.feedback_template == (
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}")
+
+
+def test_settings_of_another_context_or_combination_are_pointed_out():
+    sdpo_knobs = {"success_threshold", "feedback", "remove_thinking"}
+    static = SelfDistillConfig().ineffective_settings(sdpo_knobs | {"weight"})
+    assert len(static) == 4 and all("has no effect" in warning for warning in static)
+    sdpo = SelfDistillConfig(teacher_context="sdpo", rl_combination="hybrid", weight=0.5)
+    assert sdpo.ineffective_settings(sdpo_knobs | {"weight"}) == []
+    assert [w.split()[0] for w in sdpo.ineffective_settings({"teacher_prompt_key", "missing_teacher"})] == [
+        "--self-distill-teacher-prompt-key", "--self-distill-missing-teacher"]
 
 
 def test_alpha_js_weight_special_cases():

@@ -12,7 +12,7 @@ from slime_self_distill.train import RECIPE_SLIME_ARGS_KEY, flag_value, plan_lau
 from tests.slime_support import needs_slime
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml")
+RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml")
 # Megatron-LM's own flags (megatron.training.arguments, not installable here), which the recipes set for the
 # optimizer; slime's argument code knows every other flag they use.
 MEGATRON_FLAGS = {"--lr", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--min-lr",
@@ -95,6 +95,18 @@ OFFICIAL = {
                                        "--rollout-max-prompt-len": "2048", "--rollout-max-response-len": "8192",
                                        "--lr": "1e-05", "--lr-warmup-iters": "10", "--lr-decay-style": "constant",
                                        "--weight-decay": "0.01", "--clip-grad": "1.0"}),
+    # the same sources, with the reprompt of ray_trainer.py and the top-K loss of actor.yaml / run_sdpo_all.sh
+    "sdpo.yaml": ({"teacher_context": "sdpo", "success_threshold": 0.5, "dont_reprompt_on_self_success": True,
+                   "remove_thinking": True, "feedback": "without_solution", "max_teacher_prompt_len": 10240,
+                   "kl_scope": "topk", "topk": 100, "divergence": "alpha_js", "alpha": 0.5, "rl_combination": "none",
+                   "teacher": "ema", "ema_rate": 0.05, "ema_update_interval": "rollout",
+                   "importance_correction": "token", "importance_cap": 2.0, "num_loss_tokens_to_skip": 0,
+                   "top_entropy_quantile": 1.0},
+                  {"--rollout-batch-size": "32", "--n-samples-per-prompt": "8", "--global-batch-size": "256",
+                   "--rollout-temperature": "1.0", "--rollout-max-prompt-len": "2048",
+                   "--rollout-max-response-len": "8192", "--apply-chat-template-kwargs": '{"enable_thinking": false}',
+                   "--advantage-estimator": "grpo", "--lr": "1e-05", "--lr-warmup-iters": "10",
+                   "--lr-decay-style": "constant", "--weight-decay": "0.01", "--clip-grad": "1.0"}),
 }
 
 
@@ -108,8 +120,18 @@ def test_recipe_has_the_official_values(name):
 
 def test_opsd_is_a_per_token_mean_and_the_others_per_sample():
     assert "--calculate-per-token-loss" in plan("opsd.yaml").slime_argv
-    for name in ("sdft.yaml", "sdft_topk.yaml", "sampled_token_reverse_kl.yaml"):
+    for name in ("sdft.yaml", "sdft_topk.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml"):
         assert "--calculate-per-token-loss" not in plan(name).slime_argv
+
+
+def test_sdpo_uses_the_official_templates_and_the_chat_template():
+    config = plan("sdpo.yaml").config
+    assert config.reprompt_template == "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+    assert config.solution_template == "\nCorrect solution:\n\n{successful_previous_attempt}"
+    assert config.feedback_template == (
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}")
+    argv = plan("sdpo.yaml").slime_argv
+    assert "--apply-chat-template" in argv and "--disable-grpo-std-normalization" in argv
 
 
 def test_sdft_topk_differs_from_sdft_only_in_scope():

@@ -218,8 +218,8 @@ def test_through_slime_loss_function(slime_megatron, per_token, scope):
         mask = batch["loss_masks"][i].double()
         assert mask[0] == 0
         numerator = (d * mask).sum()
-        if per_token:
-            expected = expected + (weights[i] > 0) * numerator
+        if per_token:  # the weight is the converter's per-token factor (custom_convert.with_per_token_loss_weights)
+            expected = expected + weights[i] * numerator
         else:
             expected = expected + weights[i] * numerator / max(int(batch["loss_masks"][i].sum()), 1)
         token_count += max(int(batch["loss_masks"][i].sum()), 1)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slime_self_distill import megatron_hooks
+from slime_self_distill.custom_convert import with_per_token_loss_weights
 from tests.slime_cpu_harness import (
     TinyCausalLM,
     brute_force_teacher,
@@ -104,8 +105,8 @@ class Reference:
     def micro_batch_objective(self, micro_batch: list[int], per_token: bool, samples_per_step: int) -> torch.Tensor:
         """What one micro-batch's loss must be (summed over CP ranks, Megatron's CP factor removed)."""
         views = self.rollout["prompt"]
-        if per_token:  # numerator of the step's token mean; a sample without a teacher adds nothing
-            return sum(self.masked_sum(i) for i in micro_batch if views[i].has_teacher)
+        if per_token:  # numerator of the step's token mean, in the converter's per-token weights
+            return sum(views[i].loss_weight * self.masked_sum(i) for i in micro_batch if views[i].has_teacher)
         num_microbatches = len(self.rollout["micro_batch_indices"])
         return sum(views[i].loss_weight * self.masked_sum(i) / self.token_count(i) for i in micro_batch) * (
             num_microbatches / samples_per_step
@@ -113,12 +114,12 @@ class Reference:
 
     def step_loss(self, per_token: bool) -> float:
         """The loss slime reports for the step, from the definition: per sample, the mean over the samples that
-        have a teacher of their token means; per token, the sum over their tokens divided by slime's token count
-        (their tokens, plus 1 for each sample without a teacher: slime's clamp, which no plugin can remove)."""
+        have a teacher of their token means; per token, the mean over their loss tokens (a sample without a teacher
+        counts in neither)."""
         with_teacher = [i for i, view in enumerate(self.rollout["prompt"]) if view.has_teacher]
         if per_token:
-            all_tokens = sum(self.token_count(i) for i in range(len(self.terms)))
-            return float(sum(self.masked_sum(i) for i in with_teacher) / all_tokens)
+            tokens = sum(int(self.rollout["loss_masks"][i].sum()) for i in with_teacher)
+            return float(sum(self.masked_sum(i) for i in with_teacher) / tokens)
         return float(sum(self.masked_sum(i) / self.token_count(i) for i in with_teacher) / len(with_teacher))
 
 
@@ -152,6 +153,8 @@ def check_training_step(slime, scope: str, per_token: bool, seed: int, set_attri
     megatron_hooks.install(args)
     try:
         model, rollout = TinyCausalLM(), make_rollout(seed, num_samples=5, without_teacher=(WITHOUT_TEACHER,))
+        if per_token:  # the whole rollout is one step: the converter's weights make it the teacher tokens' mean
+            rollout["prompt"] = with_per_token_loss_weights(rollout["prompt"], rollout["loss_masks"])
         actor = SimpleNamespace(args=args, model=[model])
         rollout.update(slime.actor.MegatronTrainRayActor.compute_log_prob(
             actor, slime.data.get_data_iterator(rollout), rollout["num_microbatches"], store_prefix="teacher_"))

@@ -139,6 +139,12 @@ def test_wrap_then_runs_the_hook_after_the_function():
         (dict(self_distill_teacher="ema", use_distributed_optimizer=True, overlap_param_gather=True),
          "would average stale parameters"),
         (dict(self_distill_kl_scope="topk", rollout_max_response_len=None), "needs --rollout-max-response-len"),
+        # slime's policy loss is not computed under --self-distill-rl-combination none: its settings would be ignored
+        (dict(use_kl_loss=True), r"--use-kl-loss shapes slime's policy loss, which --self-distill-rl-combination none"),
+        (dict(entropy_coef=0.01, use_tis=True), "--entropy-coef, --use-tis shape slime's policy loss"),
+        (dict(kl_coef=0.1), "--kl-coef shapes"),
+        (dict(self_distill_teacher_context="sdpo", n_samples_per_prompt=1, self_distill_feedback="off"),
+         "gives no sample a teacher"),
     ],
 )
 def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overrides, match):
@@ -157,12 +163,25 @@ def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overri
         (dict(use_routing_replay=True), False),
         (dict(use_routing_replay=True, use_rollout_routing_replay=True), True),
         (dict(log_correct_samples=True), False),
+        # slime's policy loss reads the student's log-probs
+        (dict(self_distill_rl_combination="hybrid"), False),
     ],
 )
 def test_the_unused_student_pass_is_pointed_out_only_when_it_can_be_skipped(overrides, warned):
-    warnings = megatron_hooks.unused_pass_warnings(make_args(**overrides))
+    args = make_args(**overrides)
+    warnings = megatron_hooks.unused_pass_warnings(args, SelfDistillConfig.from_args(args))
     assert bool(warnings) == warned
     assert all("--use-rollout-logprobs" in warning for warning in warnings)
+
+
+def test_policy_loss_settings_are_accepted_when_the_policy_loss_is_combined():
+    for combination in ("hybrid", "additive"):
+        args = make_args(use_kl_loss=True, entropy_coef=0.01, self_distill_rl_combination=combination)
+        check_args(args, SelfDistillConfig.from_args(args))
+    # one response per prompt still gets a teacher from its own success or from feedback
+    for overrides in (dict(self_distill_dont_reprompt_on_self_success=False), dict(self_distill_feedback="always")):
+        args = make_args(self_distill_teacher_context="sdpo", n_samples_per_prompt=1, **overrides)
+        check_args(args, SelfDistillConfig.from_args(args))
 
 
 def test_frozen_checkpoint_teacher_with_opd_kl_off_is_accepted():

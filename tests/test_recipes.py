@@ -156,12 +156,43 @@ def official_sdpo_token_level(inputs, *, cap=2.0):
     return value_and_grad(total / len(samples), logits)
 
 
-TOPK = 5  # sdft_topk's K = 64 is beyond this test's 16-token vocabulary
+def official_sdpo(inputs, *, topk, alpha=0.5, cap=2.0):
+    """lasgroup/SDPO verl/trainer/ppo/core_algos.py (0e6d510) compute_self_distillation_loss L1106-1162 with
+    full_logit_distillation, distillation_topk, distillation_add_tail and alpha 0.5 (actor.yaml): both top-K
+    log-probabilities get a tail bucket log(-expm1(logsumexp)), the mixture log M = logsumexp(log S + log(1 - alpha),
+    log T + log(alpha)), the loss lerp(KL(S || M), KL(T || M), alpha) summed over the K + 1 entries; times the rollout
+    correction min(exp(old - rollout), 2) per token; token-mean over a micro-batch of one sequence, averaged over the
+    step's sequences. The top-K ids are the TEACHER's here (the recipe's stated deviation: officially the student's,
+    dp_actor.py passes topk_indices=student_topk_indices)."""
+    logits, samples = per_sample(inputs)
+    total = 0.0
+
+    def with_tail(log_p):
+        log_sum = torch.logsumexp(log_p, -1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([log_p, torch.log(-torch.expm1(log_sum))], -1)
+
+    for student, teacher, response, mask, roll in samples:
+        ids = teacher.topk(topk, -1).indices
+        log_s, log_t = with_tail(student.gather(-1, ids)), with_tail(teacher.gather(-1, ids))
+        log_m = torch.logsumexp(torch.stack([log_s + torch.log(torch.tensor(1 - alpha, dtype=torch.float64)),
+                                             log_t + torch.log(torch.tensor(alpha, dtype=torch.float64))]), 0)
+        kl_student = (log_s.exp() * (log_s - log_m)).sum(-1)
+        kl_teacher = (log_t.exp() * (log_t - log_m)).sum(-1)
+        per_token = torch.lerp(kl_student, kl_teacher, alpha)
+        old = student.detach().gather(-1, response[:, None]).squeeze(-1)
+        per_token = per_token * torch.exp(old - roll).clamp(max=cap)
+        loss_mask = torch.tensor(mask, dtype=torch.float64)
+        total = total + (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    return value_and_grad(total / len(samples), logits)
+
+
+TOPK = 5  # sdft_topk's K = 64 and sdpo's K = 100 are beyond this test's 16-token vocabulary
 OFFICIAL = {
     "sdft.yaml": official_sdft,
     "sdft_topk.yaml": lambda inputs: official_sdft(inputs, topk=TOPK),
     "opsd.yaml": official_opsd,
     "sampled_token_reverse_kl.yaml": official_sdpo_token_level,
+    "sdpo.yaml": lambda inputs: official_sdpo(inputs, topk=TOPK),
 }
 
 

@@ -70,6 +70,10 @@ def test_the_unused_student_pass_is_skipped_unless_a_flag_needs_it():
         assert "--use-rollout-logprobs" not in fill_plugin_defaults([keeps_it], LIVE)[0]
     argv, filled = fill_plugin_defaults(["--use-rollout-logprobs"], LIVE)
     assert argv.count("--use-rollout-logprobs") == 1 and "--use-rollout-logprobs" not in filled
+    # slime's policy loss, combined with the distillation loss, reads the old log-probs of the student pass
+    for combination in ("hybrid", "additive"):
+        combined = SelfDistillConfig(teacher="live", rl_combination=combination)
+        assert "--use-rollout-logprobs" not in fill_plugin_defaults([], combined)[0]
 
 
 def test_a_frozen_teacher_is_the_ref_load_checkpoint_through_slimes_opd_loader():
@@ -189,6 +193,11 @@ def test_recipe_slime_args_go_first_so_that_the_command_line_wins(tmp_path):
     assert plan.slime_argv[:4] == ["--lr", "5e-05", "--rollout-batch-size", "32"]
     assert flag_value(plan.slime_argv[4:], "--lr") == "1e-6"  # later on the line: argparse keeps it
     assert plan.warnings == ["--lr 1e-6 on the command line replaces the recipe's --lr 5e-05"]
+    # a switch the recipe also gives (run_self_distill_slime.sh adds --apply-chat-template) replaces nothing
+    path = write_yaml(tmp_path, "self_distill_teacher: live\nslime_args: [--apply-chat-template, --lr, 1.0e-5]\n",
+                      "switch.yaml")
+    plan = plan_launch(["--custom-config-path", path, "--apply-chat-template", "--lr=1.0e-5", "--clip-grad", "1"])
+    assert plan.warnings == ["--lr 1.0e-5 on the command line replaces the recipe's --lr 1e-05"]
     for bad in ("slime_args: --lr 5e-5\n", "slime_args: [5e-5, --lr]\n", "slime_args: [--lr, [1]]\n"):
         with pytest.raises(ConfigError, match="'slime_args' must"):
             plan_launch(["--custom-config-path", write_yaml(tmp_path, bad, "bad.yaml")])
@@ -591,6 +600,20 @@ def test_check_only_honours_slimes_row_slice_and_excluded_teachers(tmp_path, mon
     assert "2 rows OK" in capsys.readouterr().out
     assert check_only(monkeypatch, "--prompt-data", data, "--self-distill-missing-teacher", "exclude") == 0
     assert "4 rows OK, 2 without a teacher prompt (excluded)" in capsys.readouterr().out
+
+
+def test_check_only_of_sdpo_needs_no_teacher_prompt_in_the_rows(tmp_path, monkeypatch, capsys):
+    rows = [{"prompt": "2+2?", "label": "4"}, {"prompt": "3+3?", "label": "6", "metadata": {}}]
+    data = prompt_file(tmp_path, rows)
+    assert check_only(monkeypatch, "--prompt-data", data, "--label-key", "label") == 2  # static: a teacher prompt
+    capsys.readouterr()
+    assert check_only(monkeypatch, "--prompt-data", data, "--label-key", "label",
+                      "--self-distill-teacher-context", "sdpo") == 0
+    out = capsys.readouterr().out
+    assert "2 rows OK; teacher prompts are built from each rollout group after rewards" in out
+    # the label the reward reads is still required
+    assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [{"prompt": "q"}]), "--label-key", "label",
+                      "--self-distill-teacher-context", "sdpo") == 2
 
 
 def test_check_only_refuses_a_file_slime_cannot_read(tmp_path, monkeypatch, capsys):
