@@ -260,8 +260,8 @@ class SelfDistillConfig:
         default="none",
         metadata=_knob(
             "How the distillation loss D meets slime's own policy loss P (--advantage-estimator, e.g. grpo): "
-            "'none' (D only, as the official SDPO), 'hybrid' ((1 - w) * P + w * D, TRL's SDPO) or 'additive' "
-            "(P + w * D), w = --self-distill-weight.",
+            "'none' (D only, as the official SDPO), 'hybrid' ((1 - w) * P + w * D, the form of TRL's SDPO) or "
+            "'additive' (P + w * D), w = --self-distill-weight; D is the mean over the samples with a teacher.",
             RL_COMBINATIONS,
         ),
     )

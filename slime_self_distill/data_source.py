@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
+from slime_self_distill.contexts.sdpo import reprompt_target_problem
 from slime_self_distill.files import RowFileError, UnparseableLine, jsonl_rows, parquet_rows
 
 PLUGIN_METADATA_KEY = "self_distill"
@@ -132,16 +133,15 @@ def annotate_teacher_prompt(
     metadata[PLUGIN_METADATA_KEY] = plugin
 
 
-_AMBIGUOUS = object()  # two different raw prompts that render to the same text
-
-
 def student_prompt_index(rows: Iterator[tuple[int, Any]], keys: "PromptDataKeys",
                          render: Callable[[Any, Any], str]) -> dict:
     """``{rendered student prompt: raw prompt}`` of the ``--prompt-data`` rows, rendered as slime's ``Dataset`` renders
     them (``render(prompt, tools)``; under ``--apply-chat-template`` a string prompt is one user message). Rows slime
-    could not read are left out (slime stops on them itself)."""
+    could not read are left out (slime stops on them itself). Two rows that render alike from different raw prompts
+    are refused: their reprompts could differ (e.g. one string holding chat markup vs. two messages)."""
     index: dict = {}
-    for _, row in rows:
+    first_row: dict = {}
+    for number, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get(keys.input_key), (str, list)):
             continue
         raw = row[keys.input_key]
@@ -149,9 +149,14 @@ def student_prompt_index(rows: Iterator[tuple[int, Any]], keys: "PromptDataKeys"
             raw = [{"role": "user", "content": raw}]
         tools = row.get(keys.tool_key) if keys.tool_key else None
         rendered = render(raw, json.loads(tools) if isinstance(tools, str) else tools)
-        if index.get(rendered, raw) != raw:
-            raw = _AMBIGUOUS
+        if rendered in index and index[rendered] != raw:
+            raise SelfDistillDataError(
+                f"--prompt-data rows {first_row[rendered]} and {number} render to the same prompt from different raw "
+                f"prompts ({index[rendered]!r} and {raw!r}), so the SDPO reprompt cannot tell which to rewrite; "
+                "remove or merge one of them"
+            )
         index[rendered] = raw
+        first_row.setdefault(rendered, number)
     return index
 
 
@@ -161,11 +166,6 @@ def annotate_student_prompt(metadata: dict, prompt: Any, *, index: Optional[dict
     in ``index`` (None: no chat template, the prompt is the raw string). ``required`` (SDPO) makes a prompt that is in
     no row an error; a user-defined builder just finds no entry."""
     raw = prompt if index is None else index.get(prompt)
-    if raw is _AMBIGUOUS:
-        raise SelfDistillDataError(
-            f"{sample_description}: two different rows of --prompt-data render to this same prompt, so its raw chat "
-            "messages are ambiguous; remove the duplicate"
-        )
     plugin = metadata.setdefault(PLUGIN_METADATA_KEY, {})
     if raw is not None:
         plugin[STUDENT_PROMPT_KEY] = copy.deepcopy(raw)  # the sample's own: a builder may change it
@@ -263,6 +263,10 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
     if not isinstance(metadata, dict):
         return f"--metadata-key {keys.metadata_key!r} is a {type(metadata).__name__}, expected an object", False
     if not config.teacher_prompt_from_row:  # the teacher prompt is built after rewards: the row needs none
+        if config.builds_sdpo_context:
+            problem = reprompt_target_problem(prompt)
+            if problem is not None:
+                return f"--input-key {keys.input_key!r}: {problem}", False
         return None, True
     problem = teacher_prompt_problem(metadata.get(config.teacher_prompt_key),
                                      apply_chat_template=keys.apply_chat_template)
@@ -391,10 +395,13 @@ def _build_data_source_class() -> type:
                     "--rollout-global-dataset; give both, or build your own teacher context with "
                     f"{flag_name('teacher_context_path')}"
                 )
-            if (not self.self_distill_config.teacher_prompt_from_row and args.apply_chat_template
-                    and self.dataset is not None):
+            if not self.self_distill_config.teacher_prompt_from_row and args.apply_chat_template:
+                self._student_prompts = {}  # without slime's dataset, a builder's samples have no raw prompt
+            if self._student_prompts is not None and self.dataset is not None:
+                # the whole file (the index is a superset of the rows slime keeps, whatever its @[start:end])
                 self._student_prompts = student_prompt_index(
-                    read_prompt_rows(args.prompt_data), prompt_data_keys(args), student_prompt_renderer(args))
+                    read_prompt_rows(split_row_slice(args.prompt_data)[0]), prompt_data_keys(args),
+                    student_prompt_renderer(args))
                 logger.info("self-distillation: indexed the raw prompts of %d rows of %s for the teacher context",
                             len(self._student_prompts), args.prompt_data)
 

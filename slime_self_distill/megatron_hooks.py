@@ -130,6 +130,14 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
                 f"would ignore {'it' if len(ignored) == 1 else 'them'}; drop {'it' if len(ignored) == 1 else 'them'}, "
                 f"or add the policy loss with {flag_name('rl_combination')} hybrid or additive"
             )
+    if config.builds_sdpo_context and not (getattr(args, "rollout_global_dataset", True)
+                                           and getattr(args, "prompt_data", "") is not None):
+        raise ConfigError(
+            f"{flag_name('teacher_context')} sdpo rewrites the last user message of each sample's prompt, which the "
+            "data source knows only for the rows of --prompt-data read by slime's global dataset; give --prompt-data "
+            f"and drop --disable-rollout-global-dataset, or build your own context with "
+            f"{flag_name('teacher_context_path')}"
+        )
     if (config.builds_sdpo_context and getattr(args, "n_samples_per_prompt", 2) == 1
             and config.dont_reprompt_on_self_success and config.feedback == "off"):
         raise ConfigError(
@@ -140,8 +148,8 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
         )
     if getattr(args, "use_critic", False):
         raise ConfigError(
-            "--advantage-estimator ppo trains a critic (a value model) that the self-distillation loss never uses, "
-            "and the critic's actors do not load the teacher; use another --advantage-estimator (e.g. grpo)"
+            "--advantage-estimator ppo trains a critic (a value model), which the plugin does not support: the "
+            "critic's actors do not load the teacher; use another --advantage-estimator (e.g. grpo)"
         )
     if getattr(args, "use_rollout_logprobs", False):
         if routing_replay_needs_student_pass(args):

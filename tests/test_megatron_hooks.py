@@ -145,6 +145,8 @@ def test_wrap_then_runs_the_hook_after_the_function():
         (dict(kl_coef=0.1), "--kl-coef shapes"),
         (dict(self_distill_teacher_context="sdpo", n_samples_per_prompt=1, self_distill_feedback="off"),
          "gives no sample a teacher"),
+        (dict(self_distill_teacher_context="sdpo", rollout_global_dataset=False), "drop --disable-rollout-global"),
+        (dict(self_distill_teacher_context="sdpo", prompt_data=None), "give --prompt-data"),
     ],
 )
 def test_settings_that_would_skip_or_corrupt_the_teacher_pass_are_refused(overrides, match):

@@ -399,6 +399,17 @@ def test_glue_errors_name_the_sample(fields, reward_key, message):
     assert "sample index=3 " in str(error.value)
 
 
+@pytest.mark.parametrize("student, message", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Let me"}], "last message has role 'assistant'"),
+    ([{"role": "user", "content": [{"type": "text", "text": "q"}]}], "has list content"),
+])
+def test_a_prompt_the_reprompt_cannot_rewrite_is_refused_naming_the_sample(student, message):
+    samples = [error_sample(2), error_sample(3, metadata={PLUGIN_METADATA_KEY: {STUDENT_PROMPT_KEY: student}})]
+    with pytest.raises(SelfDistillDataError, match=message) as error:
+        sdpo_contexts(Namespace(reward_key=None), samples, SelfDistillConfig(teacher_context="sdpo"), decode_chars)
+    assert "sample index=3 " in str(error.value)
+
+
 def test_feedback_comes_from_the_reward_dict_then_the_metadata():
     """``feedback_of``'s documented order: the reward dict's 'feedback', else ``sample.metadata['feedback']``."""
     both = error_sample(reward={"score": 0.0, "feedback": "from the reward"},
@@ -670,8 +681,8 @@ def test_data_source_refuses_two_rows_rendering_to_the_same_prompt(tmp_path):
              "metadata": {"row": 1}}]
     args = data_source_args(tmp_path, rows=rows, apply_chat_template_kwargs=None, rollout_shuffle=False,
                             self_distill_teacher_context="sdpo")
-    with pytest.raises(SelfDistillDataError, match="two different rows"):
-        self_distill_data_source(args).get_samples(1)
+    with pytest.raises(SelfDistillDataError, match="rows 1 and 2 render to the same prompt from different raw"):
+        self_distill_data_source(args)  # refused when the data source starts, not when the row is drawn
 
 
 @needs_slime

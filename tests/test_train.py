@@ -611,6 +611,12 @@ def test_check_only_of_sdpo_needs_no_teacher_prompt_in_the_rows(tmp_path, monkey
                       "--self-distill-teacher-context", "sdpo") == 0
     out = capsys.readouterr().out
     assert "2 rows OK; teacher prompts are built from each rollout group after rewards" in out
+    # the reprompt replaces a last user message of text
+    prefilled = [{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Let me"}],
+                  "label": "4"}]
+    assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, prefilled), "--label-key", "label",
+                      "--apply-chat-template", "--self-distill-teacher-context", "sdpo") == 2
+    assert "row 1: --input-key 'prompt': its last message has role 'assistant'" in capsys.readouterr().err
     # the label the reward reads is still required
     assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, [{"prompt": "q"}]), "--label-key", "label",
                       "--self-distill-teacher-context", "sdpo") == 2

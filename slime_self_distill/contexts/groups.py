@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
-from slime_self_distill.contexts.sdpo import Attempt, SdpoRules, group_reprompts, rollout_metrics
+from slime_self_distill.contexts.sdpo import (
+    Attempt,
+    SdpoRules,
+    group_reprompts,
+    reprompt_target_problem,
+    rollout_metrics,
+)
 from slime_self_distill.data_source import (
     PLUGIN_METADATA_KEY,
     STUDENT_PROMPT_KEY,
@@ -130,6 +136,9 @@ def sdpo_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig,
                 choices[position] = ContextChoice(None, reprompt.reason)
                 continue
             student = raw_student_prompt(samples[position])
+            problem = reprompt_target_problem(student)
+            if problem is not None:
+                raise SelfDistillDataError(f"{describe_sample(samples[position])}: {problem}")
             choices[position] = ContextChoice(
                 reprompt.prompt(student, rules),
                 shorten=lambda fits, reprompt=reprompt, student=student: reprompt.shortened_prompt(

@@ -122,6 +122,24 @@ class Reprompt:
         return None
 
 
+def reprompt_target_problem(prompt: Prompt) -> Optional[str]:
+    """Why the reprompt cannot replace ``prompt``'s last message (None when it can): chat messages must end with a user
+    message of text content (the official code replaces the last message whatever its role; TRL refuses another
+    role, as here: a prompt ending in, e.g., an assistant prefill would lose it)."""
+    if isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        return f"the prompt is {type(prompt).__name__}, expected a string or a non-empty list of chat messages"
+    last = prompt[-1]
+    if last.get("role") != "user":
+        return (f"its last message has role {last.get('role')!r}; the SDPO reprompt replaces a last user message "
+                "(end the prompt with the user's turn)")
+    if not isinstance(last.get("content"), str):
+        return (f"its last user message has {type(last.get('content')).__name__} content; the SDPO reprompt needs "
+                "text content")
+    return None
+
+
 def is_success(reward: float, rules: SdpoRules) -> bool:
     return reward >= rules.success_threshold
 
