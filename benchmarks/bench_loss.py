@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from slime_self_distill.config import SelfDistillConfig
-from slime_self_distill.divergences import full_vocab_divergence, sampled_token_divergence, topk_divergence
+from slime_self_distill.core.divergences import full_vocab_divergence, sampled_token_divergence, topk_divergence
 
 TARGETS = {"full_vocab": 2.5, "topk": 1.5, "sampled_token": 1.5}
 

@@ -37,7 +37,7 @@ from slime_self_distill.custom_convert import (  # noqa: E402
     teacher_views,
 )
 from slime_self_distill.data_source import PLUGIN_METADATA_KEY, STUDENT_PROMPT_KEY, TEACHER_PROMPT_TEXT_KEY  # noqa: E402
-from slime_self_distill.templates import TEMPLATES, build_teacher_prompt, render_prompt  # noqa: E402
+from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt, render_prompt  # noqa: E402
 from tests.tokenizer_factory import make_tokenizer  # noqa: E402
 
 WORDS = ("the answer is we add twelve and thirty so the sum is forty two because each step follows from the last "

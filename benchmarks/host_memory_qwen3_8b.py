@@ -18,7 +18,7 @@ from argparse import Namespace
 from typing import Optional
 
 from slime_self_distill.config import SelfDistillConfig
-from slime_self_distill.host_memory import (
+from slime_self_distill.core.host_memory import (
     ALWAYS,
     GIB,
     WHILE_ASLEEP,

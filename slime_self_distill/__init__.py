@@ -1,7 +1,8 @@
 """Self-distillation for THUDM's slime: SDFT, OPSD, SDPO and offline top-K distillation as a plugin.
 
-The math (``divergences``, ``token_filters``) is pure torch; the slime glue (``data_source``,
-``custom_convert``, ``custom_loss``, ``megatron_hooks``, ``train``) imports slime lazily.
+Subpackages by role: ``core`` (pure math), ``data`` (data tools), ``contexts`` (teacher contexts), ``trainer`` (what
+the Megatron hooks use). The modules slime's command line names (``data_source``, ``custom_convert``,
+``custom_loss``, ``megatron_hooks``, ``prepare_dataset``, ``train``) are the slime glue and import slime lazily.
 """
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, add_self_distill_arguments

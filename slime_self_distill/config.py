@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from slime_self_distill.divergences import DEFAULT_CHUNK_SIZE
-from slime_self_distill.templates import TemplateError, check_template
+from slime_self_distill.core.divergences import DEFAULT_CHUNK_SIZE
+from slime_self_distill.data.templates import TemplateError, check_template
 
 ARG_PREFIX = "self_distill_"
 

@@ -53,7 +53,7 @@ from slime_self_distill.data_source import (
     teacher_prompt_renderer,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
-from slime_self_distill.token_filters import mask_leading_tokens
+from slime_self_distill.core.token_filters import mask_leading_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def student_prompt_of(teacher_prompt: Any, demonstration: str, template: str) ->
     last user turn the template formatted) is recovered from the teacher prompt, which the row keeps raw; the
     result is checked by rebuilding the teacher prompt from it.
     """
-    from slime_self_distill.templates import build_teacher_prompt
+    from slime_self_distill.data.templates import build_teacher_prompt
 
     if isinstance(teacher_prompt, str):
         student = _template_prompt_value(teacher_prompt, template, demonstration)
@@ -296,7 +296,7 @@ def _truncated_teacher_ids(
     config: SelfDistillConfig,
 ) -> Optional[list]:
     """Teacher prompt ids with the demonstration shortened to fit the budget, or None if nothing fits."""
-    from slime_self_distill.templates import truncate_demonstration_to_fit
+    from slime_self_distill.data.templates import truncate_demonstration_to_fit
 
     budget = config.max_teacher_prompt_len
     if not (isinstance(plugin.get(DEMONSTRATION_KEY), str) and isinstance(plugin.get(TEMPLATE_KEY), str)):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.divergences import (
+from slime_self_distill.core.divergences import (
     TokenDivergence,
     full_vocab_divergence,
     sampled_token_divergence,
@@ -33,7 +33,7 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
 )
-from slime_self_distill.token_filters import (
+from slime_self_distill.core.token_filters import (
     entropy_quantile_threshold,
     keep_top_entropy,
     truncated_importance_weights,

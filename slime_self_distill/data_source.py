@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, flag_name
 from slime_self_distill.contexts.sdpo import reprompt_target_problem
-from slime_self_distill.files import RowFileError, UnparseableLine, jsonl_rows, parquet_rows
+from slime_self_distill.data.files import RowFileError, UnparseableLine, jsonl_rows, parquet_rows
 
 PLUGIN_METADATA_KEY = "self_distill"
 TEACHER_PROMPT_TEXT_KEY = "teacher_prompt_text"
@@ -324,7 +324,7 @@ def prompt_renderer(tokenizer: Any, *, apply_chat_template: bool,
                     apply_chat_template_kwargs: Optional[dict]) -> Callable[[Any, Any], str]:
     """``render(prompt, tools)`` with ``tokenizer``, as slime's ``Dataset`` renders a prompt
     (``templates.render_prompt``)."""
-    from slime_self_distill.templates import render_prompt
+    from slime_self_distill.data.templates import render_prompt
 
     def render(prompt: Any, tools: Any) -> str:
         return render_prompt(prompt, tokenizer, apply_chat_template=apply_chat_template,

@@ -38,12 +38,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from slime_self_distill import host_memory, slime_compat
+from slime_self_distill.core import host_memory
+from slime_self_distill.trainer import slime_compat
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
-from slime_self_distill.teacher_outputs import HOST_KEYS, TeacherOutputSpec, compute_teacher_outputs, relayout_cp_rows
+from slime_self_distill.core.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
+from slime_self_distill.trainer.teacher_outputs import HOST_KEYS, TeacherOutputSpec, compute_teacher_outputs, relayout_cp_rows
 from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
-from slime_self_distill.teacher_weights import (
+from slime_self_distill.trainer.teacher_weights import (
     EmaTeacher,
     TeacherAwareBackuper,
     checkpoint_root,

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, closest_name
-from slime_self_distill.files import (
+from slime_self_distill.data.files import (
     RowFileError,
     UnparseableLine,
     json_rows,
@@ -65,7 +65,7 @@ from slime_self_distill.files import (
     new_file_mode,
     parquet_rows,
 )
-from slime_self_distill.templates import (
+from slime_self_distill.data.templates import (
     STUDENT_TEMPLATES,
     TEMPLATES,
     TemplateError,

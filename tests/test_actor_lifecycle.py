@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slime_self_distill import megatron_hooks
-from slime_self_distill.teacher_weights import EmaTeacher, ema_checkpoint_dir
+from slime_self_distill.trainer.teacher_weights import EmaTeacher, ema_checkpoint_dir
 from tests.slime_actor_harness import (
     actor_args,
     initial_checkpoint,

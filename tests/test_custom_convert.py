@@ -241,7 +241,7 @@ def test_overflow_drop_excludes_only_the_long_samples():
 
 # ------------------------------------------------------------------------------ truncate_demonstration path
 def truncation_sample(index, question, demonstration, template, *, apply_chat_template):
-    from slime_self_distill.templates import build_teacher_prompt, render_prompt
+    from slime_self_distill.data.templates import build_teacher_prompt, render_prompt
 
     student = [{"role": "user", "content": question}] if apply_chat_template else question
     teacher = build_teacher_prompt(student, demonstration, template)
@@ -254,7 +254,7 @@ def truncation_sample(index, question, demonstration, template, *, apply_chat_te
 
 
 def render_with(apply_chat_template):
-    from slime_self_distill.templates import render_prompt
+    from slime_self_distill.data.templates import render_prompt
 
     def render(prompt, tools):
         return render_prompt(prompt, make_tokenizer(), apply_chat_template=apply_chat_template,
@@ -269,7 +269,7 @@ def render_with(apply_chat_template):
     "Use {{braces}}: {prompt} / {demonstration} / again {prompt}",
 ])
 def test_student_prompt_is_recovered_from_the_teacher_prompt(template):
-    from slime_self_distill.templates import build_teacher_prompt
+    from slime_self_distill.data.templates import build_teacher_prompt
 
     rng = random.Random(8)
     for _ in range(30):
@@ -292,7 +292,7 @@ def test_student_prompt_of_a_teacher_prompt_not_built_from_the_template_is_none(
 
 @pytest.mark.parametrize("apply_chat_template", [False, True])
 def test_truncate_demonstration_fits_the_budget_and_keeps_the_question(apply_chat_template):
-    from slime_self_distill.templates import build_teacher_prompt
+    from slime_self_distill.data.templates import build_teacher_prompt
 
     template = "Question: {prompt}\nExample: {demonstration}\nNow answer."
     demonstration = " ".join(WORDS * 4)
@@ -311,7 +311,7 @@ def test_truncate_demonstration_fits_the_budget_and_keeps_the_question(apply_cha
 
 
 def test_truncate_demonstration_drops_when_the_question_alone_is_over_budget():
-    from slime_self_distill.templates import build_teacher_prompt
+    from slime_self_distill.data.templates import build_teacher_prompt
 
     template = "Question: {prompt}\nExample: {demonstration}"
     sample, student = truncation_sample(0, "what is 12 + 30", "the quick brown fox", template,
@@ -479,7 +479,7 @@ def test_data_source_then_converter_end_to_end(tmp_path, apply_chat_template):
     import json
 
     from slime_self_distill.data_source import SelfDistillRolloutDataSource
-    from slime_self_distill.templates import TEMPLATES, build_teacher_prompt
+    from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt
 
     template = TEMPLATES["sdft"]
     rows = []

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from slime_self_distill.divergences import (
+from slime_self_distill.core.divergences import (
     full_vocab_divergence,
     sampled_token_divergence,
     topk_divergence,

@@ -5,7 +5,7 @@ from argparse import Namespace
 import pytest
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
-from slime_self_distill.host_memory import (
+from slime_self_distill.core.host_memory import (
     ALWAYS,
     GIB,
     WHILE_ASLEEP,

@@ -15,8 +15,8 @@ from slime_self_distill.megatron_hooks import (
     wrap_rollout_data_consumer,
     wrap_then,
 )
-from slime_self_distill.host_memory import Parallel, teacher_store_bytes
-from slime_self_distill.teacher_weights import TeacherAwareBackuper
+from slime_self_distill.core.host_memory import Parallel, teacher_store_bytes
+from slime_self_distill.trainer.teacher_weights import TeacherAwareBackuper
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
     TEACHER_FULL_LOG_PROBS_KEY,
@@ -360,7 +360,7 @@ def test_uninstall_restores_slime_and_install_is_repeatable(slime_cpu):
     from slime.observability import train_data_utils, train_metric_utils
     from slime.utils.tensor_backper import TensorBackuper
 
-    from slime_self_distill import slime_compat
+    from slime_self_distill.trainer import slime_compat
 
     def current():
         return (slime_cpu.actor.forward_only, slime_cpu.actor.train, slime_cpu.model.get_batch,
@@ -521,7 +521,7 @@ def _data_parallel_worker(rank, port):
     slime = import_slime_megatron()
     from megatron.core import mpu
 
-    from slime_self_distill.micro_batches import split_by_tokens
+    from slime_self_distill.core.micro_batches import split_by_tokens
 
     init_gloo(rank, 2, port, slime_group=True, timeout_seconds=30)
     point_slime_at_cpu()

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from slime_self_distill.micro_batches import pad_to_counts, split_by_tokens
+from slime_self_distill.core.micro_batches import pad_to_counts, split_by_tokens
 
 
 def test_split_keeps_order_and_every_sample_and_respects_the_cap():

@@ -47,11 +47,24 @@ def test_every_flag_is_documented():
     assert not missing
 
 
+def _module_and_attribute(dotted: str) -> tuple[str, str]:
+    """``slime_self_distill.a.b.name`` -> (the longest importable module path, the attribute after it)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        return ".".join(parts[:cut]), parts[cut]
+    raise AssertionError(f"{dotted}: no importable module")
+
+
 def test_every_plugin_path_in_the_readme_exists():
-    paths = set(re.findall(r"slime_self_distill\.(\w+)\.(\w+)", README))
-    assert ("custom_loss", "self_distill_loss") in paths
+    paths = {_module_and_attribute(dotted) for dotted in re.findall(r"slime_self_distill(?:\.\w+){2,}", README)}
+    assert ("slime_self_distill.custom_loss", "self_distill_loss") in paths
+    assert ("slime_self_distill.trainer.slime_compat", "verify") in paths  # a subpackage's module too
     for module_name, attribute in paths:
-        module = importlib.import_module(f"slime_self_distill.{module_name}")
+        module = importlib.import_module(module_name)
         source = Path(module.__file__).read_text()
         # the data source class is built lazily (it subclasses slime's, which needs slime): look for its definition
         assert re.search(rf"^\s*(def|class) {attribute}\b", source, re.M), (module_name, attribute)

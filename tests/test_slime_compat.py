@@ -1,7 +1,7 @@
 import pytest
 
-from slime_self_distill import slime_compat
-from slime_self_distill.slime_compat import (
+from slime_self_distill.trainer import slime_compat
+from slime_self_distill.trainer.slime_compat import (
     CHECKED_SLIME_COMMIT,
     SlimeCompatibilityError,
     find_incompatibilities,

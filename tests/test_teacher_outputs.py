@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
-from slime_self_distill.teacher_outputs import (
+from slime_self_distill.trainer.teacher_outputs import (
     TeacherOutputSpec,
     compute_teacher_outputs,
     cp_response_rows,

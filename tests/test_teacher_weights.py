@@ -4,7 +4,7 @@ import torch
 import os
 import stat
 
-from slime_self_distill.teacher_weights import (
+from slime_self_distill.trainer.teacher_weights import (
     ACTOR_TAG,
     TEACHER_TAG,
     EmaTeacher,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from slime_self_distill.templates import (
+from slime_self_distill.data.templates import (
     STUDENT_TEMPLATES,
     TEMPLATES,
     TemplateError,

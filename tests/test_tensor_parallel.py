@@ -12,14 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from slime_self_distill.divergences import (
+from slime_self_distill.core.divergences import (
     full_vocab_divergence,
     sampled_token_divergence,
     topk_divergence,
     vocab_parallel_log_softmax,
     vocab_parallel_topk,
 )
-from slime_self_distill.token_filters import entropy_quantile_threshold, truncated_importance_weights
+from slime_self_distill.core.token_filters import entropy_quantile_threshold, truncated_importance_weights
 
 pytestmark = pytest.mark.distributed
 

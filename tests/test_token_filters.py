@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from slime_self_distill.token_filters import (
+from slime_self_distill.core.token_filters import (
     entropy_quantile_threshold,
     keep_top_entropy,
     mask_leading_tokens,

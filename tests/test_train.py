@@ -373,7 +373,7 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
 
 def test_without_a_budget_the_launcher_node_only_warns(monkeypatch, capsys):
     """The launcher's node need not be a training node: its memory decides nothing unless a budget is given."""
-    from slime_self_distill import host_memory
+    from slime_self_distill.core import host_memory
 
     monkeypatch.setattr(host_memory, "available_host_memory_bytes", lambda: 1 << 20)
     args = parsed_args(self_distill_kl_scope="full_vocab")

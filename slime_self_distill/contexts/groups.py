@@ -26,7 +26,7 @@ from slime_self_distill.data_source import (
     SelfDistillDataError,
     describe_sample,
 )
-from slime_self_distill.templates import Prompt
+from slime_self_distill.data.templates import Prompt
 
 FEEDBACK_KEY = "feedback"  # in a reward dict, or in sample.metadata
 REASON_BUILDER_NONE = "builder_returned_none"

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from slime_self_distill.templates import Prompt, fill_last_user_turn, longest_fitting_prefix
+from slime_self_distill.data.templates import Prompt, fill_last_user_turn, longest_fitting_prefix
 
 THINKING_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.teacher_outputs import STORAGE_DTYPES
+from slime_self_distill.trainer.teacher_outputs import STORAGE_DTYPES
 
 GIB = 1 << 30
 AVAILABLE_FRACTION = 0.9  # of the measured available memory, when no budget is given

@@ -218,6 +218,6 @@ def verify() -> str:
             f"slime_self_distill's Megatron hooks were checked against slime {CHECKED_SLIME_VERSION} at commit "
             f"{CHECKED_SLIME_COMMIT}; the installed slime {installed_slime_version()} differs:\n{listing}\n"
             f"Install slime at that commit, or re-check the hooks (slime_self_distill/megatron_hooks.py) against "
-            f"this slime and update slime_self_distill/slime_compat.py."
+            f"this slime and update slime_self_distill/trainer/slime_compat.py."
         )
     return installed_slime_version()

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from slime_self_distill.files import write_atomically
+from slime_self_distill.data.files import write_atomically
 
 TEACHER_TAG = "teacher"
 ACTOR_TAG = "actor"

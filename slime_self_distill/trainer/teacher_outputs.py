@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.divergences import (
+from slime_self_distill.core.divergences import (
     group_rank_and_size,
     local_vocab_columns,
     vocab_parallel_log_softmax,

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from slime_self_distill.divergences import group_rank_and_size
+from slime_self_distill.core.divergences import group_rank_and_size
 
 # exp() of a log-ratio beyond this overflows nothing and is far past any sensible cap.
 _MAX_ABS_LOG_RATIO = 20.0
