@@ -36,8 +36,12 @@ from slime_self_distill.custom_convert import (  # noqa: E402
     contextual_teacher_ids,
     teacher_views,
 )
-from slime_self_distill.data_source import PLUGIN_METADATA_KEY, STUDENT_PROMPT_KEY, TEACHER_PROMPT_TEXT_KEY  # noqa: E402
 from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt, render_prompt  # noqa: E402
+from slime_self_distill.data_source import (  # noqa: E402
+    PLUGIN_METADATA_KEY,
+    STUDENT_PROMPT_KEY,
+    TEACHER_PROMPT_TEXT_KEY,
+)
 from tests.tokenizer_factory import make_tokenizer  # noqa: E402
 
 WORDS = ("the answer is we add twelve and thirty so the sum is forty two because each step follows from the last "
@@ -108,7 +112,7 @@ def rollout_side(args) -> None:
     with_teacher = [v for v in sdpo_views if v.has_teacher]
     print(f"rollout side: {len(samples)} samples, responses of {statistics.mean(s.response_length for s in samples):.0f} "
           f"tokens on average; SDPO gives {len(with_teacher)} a teacher, teacher prompts of "
-          f"{statistics.mean(v.prompt_length for v in with_teacher):.0f} tokens on average (static: "
+          f"{statistics.mean([v.prompt_length for v in with_teacher] or [0]):.0f} tokens on average (static: "
           f"{statistics.mean(v.prompt_length for v in static_views):.0f})")
     print(f"  teacher views per rollout: static {static_seconds:.3f} s, sdpo {sdpo_seconds:.3f} s, "
           f"ratio {sdpo_seconds / static_seconds:.2f}")

@@ -40,6 +40,7 @@ from slime_self_distill.contexts.groups import (
     reward_of,
     sdpo_contexts,
 )
+from slime_self_distill.core.token_filters import mask_leading_tokens
 from slime_self_distill.data_source import (
     DATA_SOURCE_PATH,
     DEMONSTRATION_KEY,
@@ -53,7 +54,6 @@ from slime_self_distill.data_source import (
     teacher_prompt_renderer,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
-from slime_self_distill.core.token_filters import mask_leading_tokens
 
 logger = logging.getLogger(__name__)
 

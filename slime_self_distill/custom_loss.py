@@ -26,17 +26,17 @@ from slime_self_distill.core.divergences import (
     sampled_token_divergence,
     topk_divergence,
 )
+from slime_self_distill.core.token_filters import (
+    entropy_quantile_threshold,
+    keep_top_entropy,
+    truncated_importance_weights,
+)
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
     TEACHER_FULL_LOG_PROBS_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
-)
-from slime_self_distill.core.token_filters import (
-    entropy_quantile_threshold,
-    keep_top_entropy,
-    truncated_importance_weights,
 )
 
 

@@ -38,12 +38,17 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from slime_self_distill.core import host_memory
-from slime_self_distill.trainer import slime_compat
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.core import host_memory
 from slime_self_distill.core.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
-from slime_self_distill.trainer.teacher_outputs import HOST_KEYS, TeacherOutputSpec, compute_teacher_outputs, relayout_cp_rows
 from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
+from slime_self_distill.trainer import slime_compat
+from slime_self_distill.trainer.teacher_outputs import (
+    HOST_KEYS,
+    TeacherOutputSpec,
+    compute_teacher_outputs,
+    relayout_cp_rows,
+)
 from slime_self_distill.trainer.teacher_weights import (
     EmaTeacher,
     TeacherAwareBackuper,
@@ -269,7 +274,6 @@ def run_teacher_pass(
     CP layout (teacher_log_probs on the GPU, the top-K / full-vocabulary tensors in host memory, where
     ``compute_teacher_outputs`` writes them chunk by chunk: the device never holds a whole sample's distribution)."""
     from megatron.core import mpu
-
     from slime.backends.megatron_utils.data import DataIterator
     from slime.backends.megatron_utils.loss import get_responses
 
@@ -331,7 +335,6 @@ def teacher_schedule(args: Any, student_schedule: TeacherSchedule, teacher_lengt
     at most ``--max-tokens-per-gpu`` x CP teacher tokens, then brought to the largest per-step count of any rank, so
     that every rank runs as many forward passes as the others (MoE all-to-alls span the data-parallel ranks)."""
     from megatron.core import mpu
-
     from slime.utils.distributed_utils import get_gloo_group
 
     cap = args.max_tokens_per_gpu * mpu.get_context_parallel_world_size()

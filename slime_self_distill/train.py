@@ -411,7 +411,8 @@ MAX_LISTED_ROWS = 20
 def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     """Every row of ``--prompt-data`` through the checks of slime's ``Dataset`` and of the data source; raises
     ``SelfDistillDataError`` listing the bad rows; returns a one-line summary (None without ``--prompt-data``)."""
-    from slime_self_distill.data_source import PromptDataKeys, SelfDistillDataError, check_prompt_data as check_rows
+    from slime_self_distill.data_source import PromptDataKeys, SelfDistillDataError
+    from slime_self_distill.data_source import check_prompt_data as check_rows
 
     values = {}
     for flag, key, default in PROMPT_DATA_FLAGS:

@@ -303,10 +303,9 @@ def start_actor(monkeypatch, args) -> ActorRun:
     """``RayTrainGroup.create`` for one rank: the actor object and its real ``init``, with slime's own choice of
     reference and OPD teacher (``placement_group.create_actor_model``)."""
     from slime.backends.megatron_utils.actor import MegatronTrainRayActor
+    from slime.observability.timer import Timer
 
     from slime_self_distill import megatron_hooks
-
-    from slime.observability.timer import Timer
 
     megatron_hooks.uninstall()  # a previous actor's patches (the new actor's init installs its own)
     Timer().start_time.clear()  # the process-wide timers of a previous actor (each actor is its own process in slime)

@@ -478,8 +478,8 @@ def test_data_source_then_converter_end_to_end(tmp_path, apply_chat_template):
     teacher prompt, the demonstration is shortened to the budget, rows without a teacher are excluded."""
     import json
 
-    from slime_self_distill.data_source import SelfDistillRolloutDataSource
     from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt
+    from slime_self_distill.data_source import SelfDistillRolloutDataSource
 
     template = TEMPLATES["sdft"]
     rows = []

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
-from slime_self_distill.custom_loss import SampleRows, per_token_distillation, reduce_per_token_loss
 from slime_self_distill.core.token_filters import mask_leading_tokens
+from slime_self_distill.custom_loss import SampleRows, per_token_distillation, reduce_per_token_loss
 from tests import divergence_reference as ref
 from tests.slime_support import SKIP_REASON, SLIME_AVAILABLE
 

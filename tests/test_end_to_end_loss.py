@@ -21,9 +21,9 @@ from slime_self_distill.custom_convert import with_per_token_loss_weights
 from tests.slime_cpu_harness import (
     TinyCausalLM,
     brute_force_teacher,
+    destroy_gloo,
     free_port,
     import_slime_megatron,
-    destroy_gloo,
     init_gloo,
     make_args,
     make_rollout,

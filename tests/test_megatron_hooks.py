@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 
 from slime_self_distill import megatron_hooks
 from slime_self_distill.config import ConfigError, SelfDistillConfig
+from slime_self_distill.core.host_memory import Parallel, teacher_store_bytes
 from slime_self_distill.megatron_hooks import (
     add_teacher_inputs,
     build_teacher_rollout_data,
@@ -15,8 +16,6 @@ from slime_self_distill.megatron_hooks import (
     wrap_rollout_data_consumer,
     wrap_then,
 )
-from slime_self_distill.core.host_memory import Parallel, teacher_store_bytes
-from slime_self_distill.trainer.teacher_weights import TeacherAwareBackuper
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
     TEACHER_FULL_LOG_PROBS_KEY,
@@ -25,19 +24,20 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_LOG_PROBS_KEY,
     TeacherView,
 )
-from tests.slime_support import needs_slime
+from slime_self_distill.trainer.teacher_weights import TeacherAwareBackuper
 from tests.slime_cpu_harness import (
     TinyCausalLM,
     TorchWithoutPinnedMemory,
     brute_force_teacher,
+    destroy_gloo,
     free_port,
     import_slime_megatron,
-    destroy_gloo,
     init_gloo,
     make_args,
     make_rollout,
     point_slime_at_cpu,
 )
+from tests.slime_support import needs_slime
 
 # The key list of slime's train_one_step (model.py), as a training batch requests it.
 TRAIN_KEYS = [
@@ -561,7 +561,6 @@ def _ema_shard_worker(rank, port, save_dir):
 
     import_slime_megatron()
     from megatron.core import mpu
-
     from slime.utils import tensor_backper
 
     init_gloo(rank, 2, port, slime_group=True, timeout_seconds=60)

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from slime_self_distill import prepare_dataset
-from slime_self_distill.prepare_dataset import main
 from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt, render_prompt
+from slime_self_distill.prepare_dataset import main
 from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer, save_tokenizer
 

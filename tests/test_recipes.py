@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from slime_self_distill.custom_convert import restrict_loss_masks
-from slime_self_distill.trainer.teacher_outputs import TeacherOutputSpec, compute_teacher_outputs
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
 from slime_self_distill.train import plan_launch
+from slime_self_distill.trainer.teacher_outputs import TeacherOutputSpec, compute_teacher_outputs
 from tests.slime_support import requires_slime
 
 pytestmark = requires_slime

@@ -7,17 +7,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
-from slime_self_distill.trainer.teacher_outputs import (
-    TeacherOutputSpec,
-    compute_teacher_outputs,
-    cp_response_rows,
-    relayout_cp_rows,
-)
 from slime_self_distill.teacher_view import (
     TEACHER_FULL_LOG_PROBS_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
+)
+from slime_self_distill.trainer.teacher_outputs import (
+    TeacherOutputSpec,
+    compute_teacher_outputs,
+    cp_response_rows,
+    relayout_cp_rows,
 )
 from tests.slime_cpu_harness import free_port, init_gloo
 from tests.slime_support import needs_slime

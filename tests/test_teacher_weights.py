@@ -1,8 +1,8 @@
-import pytest
-import torch
-
 import os
 import stat
+
+import pytest
+import torch
 
 from slime_self_distill.trainer.teacher_weights import (
     ACTOR_TAG,

@@ -20,13 +20,13 @@ from slime_self_distill.contexts.sdpo import (
     reprompt_target_problem,
     rollout_metrics,
 )
+from slime_self_distill.data.templates import Prompt
 from slime_self_distill.data_source import (
     PLUGIN_METADATA_KEY,
     STUDENT_PROMPT_KEY,
     SelfDistillDataError,
     describe_sample,
 )
-from slime_self_distill.data.templates import Prompt
 
 FEEDBACK_KEY = "feedback"  # in a reward dict, or in sample.metadata
 REASON_BUILDER_NONE = "builder_returned_none"
