@@ -2,7 +2,8 @@
 
 Subpackages by role: ``core`` (pure math), ``data`` (data tools), ``contexts`` (teacher contexts), ``trainer`` (what
 the Megatron hooks use). The modules slime's command line names (``data_source``, ``custom_convert``,
-``custom_loss``, ``megatron_hooks``, ``prepare_dataset``, ``train``) are the slime glue and import slime lazily.
+``custom_loss``, ``megatron_hooks``) are the slime glue and import slime lazily; ``prepare_dataset``, ``train`` and
+``sd_zero_data`` are the command-line tools.
 """
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, add_self_distill_arguments

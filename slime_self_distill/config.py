@@ -28,7 +28,8 @@ from slime_self_distill.data.templates import TemplateError, check_template
 ARG_PREFIX = "self_distill_"
 
 KL_SCOPES = ("full_vocab", "topk", "sampled_token")
-DIVERGENCES = ("forward_kl", "reverse_kl", "alpha_js")
+DIVERGENCES = ("forward_kl", "reverse_kl", "alpha_js", "mixed_kl")
+TOPK_TAILS = ("bucket", "renormalize")
 IMPORTANCE_CORRECTIONS = ("off", "token", "sequence")
 TEACHER_KINDS = ("frozen", "live", "ema")
 EMA_UPDATE_INTERVALS = ("step", "rollout")
@@ -74,17 +75,28 @@ class SelfDistillConfig:
         default="forward_kl",
         metadata=_knob(
             "forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), alpha_js = generalized "
-            "Jensen-Shannon with --self-distill-alpha (alpha 0 is forward_kl, alpha 1 is reverse_kl).",
+            "Jensen-Shannon with --self-distill-alpha (alpha 0 is forward_kl, alpha 1 is reverse_kl), mixed_kl = "
+            "(1 - alpha) * forward_kl + alpha * reverse_kl (topk scope; SD-Zero's 'mixed').",
             DIVERGENCES,
         ),
     )
     alpha: float = field(
         default=0.5,
-        metadata=_knob("Teacher weight of the alpha_js mixture M = alpha*T + (1-alpha)*S, in [0, 1]."),
+        metadata=_knob("Teacher weight of the alpha_js mixture M = alpha*T + (1-alpha)*S, or the reverse-KL weight of "
+                       "mixed_kl, in [0, 1]."),
     )
     topk: int = field(
         default=64,
         metadata=_knob("K of the 'topk' scope: how many teacher tokens are kept per position (>= 1)."),
+    )
+    topk_tail: str = field(
+        default="bucket",
+        metadata=_knob(
+            "The mass outside the top-K tokens: 'bucket' (one more category holding each side's remaining mass; a "
+            "lower bound of the full divergence, gradient through the student's full log-softmax) or 'renormalize' "
+            "(both sides renormalized over the K tokens, as SD-Zero's official loss).",
+            TOPK_TAILS,
+        ),
     )
     teacher_prompt_key: str = field(
         default="teacher_prompt",
@@ -208,8 +220,9 @@ class SelfDistillConfig:
         metadata=_knob(
             "How each sample's teacher prompt is built: 'static' (the row's own teacher prompt, "
             "--self-distill-teacher-prompt-key), 'sdpo' (SDPO's reprompt from the rollout group after rewards: a "
-            "successful sibling's response and/or the reward function's feedback) or 'self_revision' (SD-Zero's, "
-            "not implemented yet: refused).",
+            "successful sibling's response and/or the reward function's feedback) or 'self_revision' (SD-Zero's: the "
+            "student's own prompt and response, then a revision phrase chosen by its reward, then the response "
+            "again).",
             TEACHER_CONTEXTS,
         ),
     )
@@ -255,6 +268,16 @@ class SelfDistillConfig:
     feedback_template: str = field(
         default=SDPO_FEEDBACK_TEMPLATE,
         metadata=_knob("sdpo: the feedback section; field {feedback_raw}."),
+    )
+    revision_phrase_correct: str = field(
+        default="Let me rephrase the above solution.",
+        metadata=_knob("self_revision: the phrase P_r after a response whose reward is >= --self-distill-success-"
+                       "threshold (SD-Zero's, for Qwen models)."),
+    )
+    revision_phrase_wrong: str = field(
+        default="Wait, this response is wrong. Let me correct it.",
+        metadata=_knob("self_revision: the phrase P_r after a response below the threshold (SD-Zero's, for Qwen "
+                       "models; its OLMo phrase is 'Wrong. I need to redo all.')."),
     )
     rl_combination: str = field(
         default="none",
@@ -320,7 +343,9 @@ class SelfDistillConfig:
         """Warnings for knobs that were set but do nothing in this configuration (e.g. topk with full_vocab)."""
         why_not = {
             "topk": None if self.kl_scope == "topk" else f"{flag_name('kl_scope')} is {self.kl_scope}",
-            "alpha": None if self.divergence == "alpha_js" else f"{flag_name('divergence')} is {self.divergence}",
+            "alpha": None if self.divergence in ("alpha_js", "mixed_kl")
+            else f"{flag_name('divergence')} is {self.divergence}",
+            "topk_tail": None if self.kl_scope == "topk" else f"{flag_name('kl_scope')} is {self.kl_scope}",
             "sampled_ratio_cap": None if (self.kl_scope, self.divergence) == ("sampled_token", "forward_kl")
             else "it applies to sampled_token with forward_kl only",
             "ema_rate": None if self.teacher == "ema" else f"{flag_name('teacher')} is {self.teacher}",
@@ -340,12 +365,25 @@ class SelfDistillConfig:
                 "the teacher prompt is built after rewards, not read from the row")
         for name in SDPO_SETTINGS:
             why_not[name] = None if self.builds_sdpo_context else "the teacher context is not sdpo"
+        for name in ("revision_phrase_correct", "revision_phrase_wrong"):
+            why_not[name] = None if self.builds_self_revision_context else "the teacher context is not self_revision"
+        if self.builds_self_revision_context:
+            why_not["success_threshold"] = None
         return [f"{flag_name(name)} has no effect: {reason}" for name, reason in why_not.items()
                 if reason is not None and name in explicit]
 
     @property
     def builds_sdpo_context(self) -> bool:
         return self.teacher_context == "sdpo" and self.teacher_context_path is None
+
+    @property
+    def builds_self_revision_context(self) -> bool:
+        return self.teacher_context == "self_revision" and self.teacher_context_path is None
+
+    @property
+    def needs_raw_student_prompt(self) -> bool:
+        """The context rewrites the student's raw prompt (SDPO) or may read it (a user-defined builder)."""
+        return self.builds_sdpo_context or self.teacher_context_path is not None
 
     @property
     def teacher_prompt_from_row(self) -> bool:
@@ -480,6 +518,9 @@ def _validate(c: SelfDistillConfig) -> None:
             _fail(f.name, f"got {getattr(c, f.name)!r}", f"choose one of {', '.join(choices)}")
     if not 0.0 <= c.alpha <= 1.0:
         _fail("alpha", f"got {c.alpha}, outside [0, 1]", "use 0 for forward KL, 1 for reverse KL, 0.5 for JSD")
+    if c.divergence == "mixed_kl" and c.kl_scope != "topk":
+        _fail("divergence", f"mixed_kl with {flag_name('kl_scope')} {c.kl_scope}",
+              "mixed_kl is computed on the top-K support: use --self-distill-kl-scope topk, or alpha_js")
     if c.topk < 1:
         _fail("topk", f"got {c.topk}", "use K >= 1 (e.g. 20 or 64)")
     if not c.teacher_prompt_key:
@@ -522,9 +563,12 @@ def _validate(c: SelfDistillConfig) -> None:
         if c.teacher_overflow == "truncate_demonstration":
             _fail("teacher_overflow", "'truncate_demonstration' cannot shorten a prompt a user-defined builder made",
                   f"use error or drop with {flag_name('teacher_context_path')}")
-    if c.teacher_context == "self_revision":
-        _fail("teacher_context", "'self_revision' (SD-Zero's teacher, which reads its own attempt to revise it) is not "
-              "implemented yet", "use static or sdpo, or your own builder with --self-distill-teacher-context-path")
+    if c.teacher_context == "self_revision" and c.teacher_overflow == "truncate_demonstration":
+        _fail("teacher_overflow", "'truncate_demonstration' with the self_revision context, whose teacher prompt "
+              "is the student's prompt and response", "use error or drop")
+    for name in ("revision_phrase_correct", "revision_phrase_wrong"):
+        if not getattr(c, name).strip():
+            _fail(name, "is empty", "give the revision phrase the teacher reads between the two copies of the response")
     for name, (required, optional) in SDPO_TEMPLATE_FIELDS.items():
         try:
             check_template(getattr(c, name), origin=flag_name(name), fields=required, optional=optional)

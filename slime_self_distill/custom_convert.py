@@ -40,6 +40,7 @@ from slime_self_distill.contexts.groups import (
     reward_of,
     sdpo_contexts,
 )
+from slime_self_distill.contexts.self_revision import self_revision_contexts
 from slime_self_distill.core.token_filters import mask_leading_tokens
 from slime_self_distill.data_source import (
     DATA_SOURCE_PATH,
@@ -352,10 +353,12 @@ def _within_budget(sample: Any, prompt_ids: list, config: SelfDistillConfig,
         return prompt_ids, None
     over = f"teacher prompt has {len(prompt_ids)} tokens, over {flag_name('max_teacher_prompt_len')}={budget}"
     if config.teacher_overflow == "error":
+        truncation = (f" or truncate_demonstration (shorten the {what_is_shortened} to fit)"
+                      if shortened_ids is not None else "")
         raise SelfDistillDataError(
             f"{describe_sample(sample)}: {over} (student prompt+response {len(sample.tokens)} tokens). Raise "
             f"{flag_name('max_teacher_prompt_len')}, or set {flag_name('teacher_overflow')} drop (leave such samples "
-            f"out of the distillation loss) or truncate_demonstration (shorten the {what_is_shortened} to fit)"
+            f"out of the distillation loss){truncation}"
         )
     if config.teacher_overflow == "drop":
         return None, f"{REASON_OVER_BUDGET}: {over}"
@@ -398,11 +401,13 @@ def contextual_teacher_ids(
     """A teacher prompt built from the rollout group, rendered and encoded like the student's: (ids, None), or
     (None, reason)."""
     _check_response_length(sample)
-    if choice.prompt is None:
+    if not choice.has_teacher:
         return None, choice.reason
     reason = _untrainable_reason(sample)
     if reason is not None:
         return None, reason
+    if choice.prompt_ids is not None:  # nothing in it may be shortened: the student's own prompt and response
+        return _within_budget(sample, list(choice.prompt_ids), config, None, "")
     tools = sample.metadata.get("tools") if isinstance(sample.metadata, dict) else None
 
     def ids_of(prompt: Any) -> list:
@@ -505,7 +510,7 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
         views = build_teacher_views(samples, encode=encode, config=config,
                                     render=teacher_prompt_renderer(args, config) if truncates else None)
     else:
-        contexts = group_contexts(args, samples, config,
+        contexts = built_contexts(args, samples, config, encode=encode,
                                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         render = teacher_prompt_renderer(args, config)
         views = teacher_views(samples, [
@@ -520,9 +525,12 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
     return data
 
 
-def group_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig,
-                   decode: Callable[[list], str]) -> GroupContexts:
-    """The teacher prompts built from the rollout groups: SDPO's, or the user-defined builder's."""
+def built_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig, *,
+                   encode: Callable[[str], Sequence[int]], decode: Callable[[list], str]) -> GroupContexts:
+    """The teacher prompts built after rewards: SDPO's (from the groups), SD-Zero's self-revision, or the
+    user-defined builder's."""
+    if config.builds_self_revision_context:
+        return self_revision_contexts(args, samples, config, encode)
     if config.teacher_context_path is None:
         return sdpo_contexts(args, samples, config, decode)
     from slime.utils.misc import load_function

@@ -70,7 +70,8 @@ def _divergence_for(sample: SampleRows, config: SelfDistillConfig, tp_group) -> 
                                      term_clip=config.vocab_term_clip, **common)
     if config.kl_scope == "topk":
         return topk_divergence(
-            sample.logits, sample.tokens, sample.teacher_topk_log_probs, sample.teacher_topk_indices, **common
+            sample.logits, sample.tokens, sample.teacher_topk_log_probs, sample.teacher_topk_indices,
+            tail=config.topk_tail, **common
         )
     return sampled_token_divergence(
         sample.logits, sample.tokens, sample.teacher_token_log_probs, ratio_cap=config.sampled_ratio_cap, **common

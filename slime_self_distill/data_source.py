@@ -395,7 +395,7 @@ def _build_data_source_class() -> type:
                     "--rollout-global-dataset; give both, or build your own teacher context with "
                     f"{flag_name('teacher_context_path')}"
                 )
-            if not self.self_distill_config.teacher_prompt_from_row and args.apply_chat_template:
+            if self.self_distill_config.needs_raw_student_prompt and args.apply_chat_template:
                 self._student_prompts = {}  # without slime's dataset, a builder's samples have no raw prompt
             if self._student_prompts is not None and self.dataset is not None:
                 # the whole file (the index is a superset of the rows slime keeps, whatever its @[start:end])
@@ -418,7 +418,7 @@ def _build_data_source_class() -> type:
                             render=self._render,
                             sample_description=describe_sample(sample),
                         )
-                    else:
+                    elif config.needs_raw_student_prompt:
                         annotate_student_prompt(sample.metadata, sample.prompt, index=self._student_prompts,
                                                 required=config.builds_sdpo_context,
                                                 sample_description=describe_sample(sample))

@@ -45,24 +45,34 @@ load).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import functools
 import json
 import os
-import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from slime_self_distill.config import SelfDistillConfig, closest_name
+from slime_self_distill.data.cli import (
+    EXIT_BAD_DATA,
+    EXIT_OK,
+    MAX_LISTED,
+    BadRow,
+    PendingOutputs,
+    RowError,
+    UsageError,
+    counts,
+    jsonl_writer,
+    print_bad_rows,
+    rejected_writer,
+    run_cli,
+)
 from slime_self_distill.data.files import (
     RowFileError,
     UnparseableLine,
     json_rows,
     jsonl_rows,
-    new_file_mode,
     parquet_rows,
 )
 from slime_self_distill.data.templates import (
@@ -76,8 +86,6 @@ from slime_self_distill.data.templates import (
     render_prompt,
 )
 
-EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
-MAX_LISTED = 20
 PLUGIN_METADATA_KEY = "self_distill"  # the plugin's own metadata entry (see data_source.py)
 OUTPUT_PROMPT_KEY = "prompt"
 REJECTED_SUFFIX = ".rejected.jsonl"
@@ -103,24 +111,6 @@ USUAL_COLUMN_NAMES = {
     "--demonstration-column": ("answer", "solution", "response", "output", "output_text", "golden_response",
                                "completion"),
 }
-
-
-class UsageError(Exception):
-    """The invocation or the input file as a whole is unusable (exit status 2)."""
-
-
-class RowError(Exception):
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-@dataclass(frozen=True)
-class BadRow:
-    row: int
-    code: str
-    reason: str
-    data: Any
 
 
 @dataclass(frozen=True)
@@ -541,108 +531,10 @@ def check_columns(path: str, columns: Columns, named: list, seen: set, good: lis
 
 
 # ------------------------------------------------------------------------------------------------- writing
-class PendingOutputs:
-    """Temporary files beside the outputs, created on entry (so that an output that cannot be written fails before
-    any work) and renamed over the outputs by ``commit``; without a commit they are removed, with any directory
-    created for them, and existing outputs stay as they were.
-
-    ``outputs`` maps each path to the name used in messages (e.g. "--output"). A renamed file gets the mode of the
-    output it replaces, or that of a new file under the umask (mkstemp creates 0600)."""
-
-    def __init__(self, outputs: dict):
-        self.outputs = outputs
-        self.temp_paths: dict = {}
-        self.created_directories: list = []
-        self.committed = False
-
-    def _fail(self, path: str, action: str, error: OSError, consequence: str = "nothing was written") -> UsageError:
-        return UsageError(f"{self.outputs[path]} {path!r}: cannot {action} ({error.strerror or error}); choose a "
-                          f"writable location; {consequence}")
-
-    def _make_directories(self, path: str) -> None:
-        missing = []
-        directory = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for directory in reversed(missing):
-            try:
-                os.mkdir(directory)
-            except OSError as e:
-                raise self._fail(path, f"create the directory {directory!r}", e) from None
-            self.created_directories.append(directory)
-
-    def __enter__(self) -> "PendingOutputs":
-        try:
-            for path in self.outputs:
-                self._make_directories(path)
-                directory = os.path.dirname(os.path.abspath(path))
-                try:
-                    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                                     suffix=".tmp")
-                except OSError as e:
-                    raise self._fail(path, f"create a file in {directory!r}", e) from None
-                os.close(fd)
-                self.temp_paths[path] = temp_path
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def write(self, path: str, write: Callable[[Any], None]) -> None:
-        """``write(binary file)`` fills the temporary file of ``path``."""
-        try:
-            with open(self.temp_paths[path], "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise self._fail(path, "write", e) from None
-
-    def commit(self) -> None:
-        """Rename every temporary file over its output. They are all written before the first rename, so a failure
-        while writing leaves every output as it was; only a rename failing after another succeeded (both in
-        directories just written to) would not, and the message then says which output was replaced."""
-        file_mode = new_file_mode()
-        replaced = []
-        for path, temp_path in self.temp_paths.items():
-            try:
-                mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else file_mode
-                os.chmod(temp_path, mode)
-                os.replace(temp_path, path)
-            except OSError as e:
-                consequence = f"{' and '.join(replaced)} already replaced" if replaced else "nothing was written"
-                raise self._fail(path, "replace it", e, consequence) from None
-            replaced.append(repr(path))
-        self.committed = True
-
-    def _discard(self) -> None:
-        for temp_path in self.temp_paths.values():
-            if os.path.exists(temp_path):
-                os.unlink(temp_path)
-        for directory in reversed(self.created_directories):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass  # not empty any more: something else was put there meanwhile; leave it
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.committed:
-            self._discard()
-
-
-def _jsonl_writer(lines: Iterable[str]) -> Callable[[Any], None]:
-    def write(f) -> None:
-        for line in lines:
-            f.write((line + "\n").encode("utf-8"))
-
-    return write
-
-
 def rows_writer(path: str, rows: list) -> Callable[[Any], None]:
     """The writer of ``rows`` in the format of ``path`` (.parquet, else JSON lines)."""
     if not path.lower().endswith(".parquet"):
-        return _jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
+        return jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -654,15 +546,6 @@ def rows_writer(path: str, rows: list) -> Callable[[Any], None]:
             f"to have one type (e.g. all prompts strings or all chat messages): write .jsonl instead"
         ) from None
     return lambda f: pq.write_table(table, f)
-
-
-def rejected_writer(bad_rows: list) -> Callable[[Any], None]:
-    def entry(bad: BadRow) -> dict:
-        data = bad.data.text if isinstance(bad.data, UnparseableLine) else bad.data
-        return {"row": bad.row, "code": bad.code, "reason": bad.reason, "data": data}
-
-    # default=repr: a rejected row may hold values JSON cannot encode (that can be why it was rejected)
-    return _jsonl_writer(json.dumps(entry(bad), ensure_ascii=False, default=repr) for bad in bad_rows)
 
 
 # ---------------------------------------------------------------------------------------------- token stats
@@ -884,16 +767,6 @@ def _check_json_encodable(output: dict) -> None:
         raise RowError("not_json_serializable", f"the row cannot be written as JSON: {e}") from None
 
 
-def _print_bad_rows(bad_rows: list, out) -> None:
-    print(f"{len(bad_rows)} bad row(s); the first {min(len(bad_rows), MAX_LISTED)}:", file=out)
-    for bad in bad_rows[:MAX_LISTED]:
-        print(f"  row {bad.row}: [{bad.code}] {bad.reason}", file=out)
-
-
-def _counts(values: Iterable[str]) -> str:
-    return ", ".join(f"{name}: {count}" for name, count in sorted(collections.Counter(values).items())) or "none"
-
-
 def run(args: argparse.Namespace) -> int:
     named_columns = resolve_column_flags(args)
     template, student_template = _check_args(args)
@@ -936,8 +809,8 @@ def run(args: argparse.Namespace) -> int:
             check_columns(args.input, columns, named_columns, seen, good, bad)
 
         if bad and not args.skip_invalid:
-            _print_bad_rows(bad, sys.stderr)
-            print(f"bad rows by reason: {_counts(b.code for b in bad)}", file=sys.stderr)
+            print_bad_rows(bad, sys.stderr)
+            print(f"bad rows by reason: {counts(b.code for b in bad)}", file=sys.stderr)
             print(f"nothing written to {args.output}: fix the rows or pass --skip-invalid", file=sys.stderr)
             return EXIT_BAD_DATA
         if not good:
@@ -966,11 +839,11 @@ def run(args: argparse.Namespace) -> int:
         pending.commit()
 
     print(f"rows read: {rows_in}")
-    print(f"rows written: {len(good)} ({_counts(row.kind for row in good)}) -> {args.output}")
+    print(f"rows written: {len(good)} ({counts(row.kind for row in good)}) -> {args.output}")
     if args.skip_invalid:
-        print(f"rows rejected: {len(bad)} ({_counts(b.code for b in bad)}) -> {report}")
+        print(f"rows rejected: {len(bad)} ({counts(b.code for b in bad)}) -> {report}")
         if bad:
-            _print_bad_rows(bad, sys.stdout)
+            print_bad_rows(bad, sys.stdout)
     without_label = [row.row for row in good if args.label_key not in row.output]
     if args.label_key and 0 < len(without_label) < len(good):
         print(f"note: {len(without_label)} written row(s) (first: {without_label[:MAX_LISTED]}) have no "
@@ -983,18 +856,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [option for action in parser._actions for option in action.option_strings]
-        hints = [f"{token} (did you mean {close}?)" if (close := closest_name(token.split("=")[0], flags)) else token
-                 for token in unknown if token.startswith("-")]
-        parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -438,7 +438,9 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
     if report.longest_teacher_prompt is not None:
         rendering = f"teacher prompts rendered and encoded: up to {report.longest_teacher_prompt} tokens"
-    if not plan.config.teacher_prompt_from_row:
+    if plan.config.builds_self_revision_context:
+        rendering = "teacher prompts are each sample's own prompt and response, built after rewards"
+    elif not plan.config.teacher_prompt_from_row:
         rendering = "teacher prompts are built from each rollout group after rewards"
     return f"--prompt-data {path}: {report.rows} rows OK{excluded}; {rendering}"
 

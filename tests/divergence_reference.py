@@ -16,7 +16,10 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
-    """student, teacher: probability vectors. The convention of the project's math notes."""
+    """student, teacher: probability vectors. The convention of the project's math notes; mixed_kl is SD-Zero's
+    weighted sum of the two KLs, alpha on the reverse one."""
+    if kind == "mixed_kl":
+        return (1 - alpha) * kl(teacher, student) + alpha * kl(student, teacher)
     if kind == "forward_kl" or (kind == "alpha_js" and alpha == 0.0):
         return kl(teacher, student)
     if kind == "reverse_kl" or (kind == "alpha_js" and alpha == 1.0):
@@ -54,6 +57,13 @@ def topk_plus_tail(logits, teacher_topk_log_probs, teacher_topk_indices, kind, a
     student = softmax64(logits).gather(-1, teacher_topk_indices)
     teacher = torch.exp(teacher_topk_log_probs.to(torch.float64))
     return divergence(with_tail(student), with_tail(teacher), kind, alpha)
+
+
+def topk_renormalized(logits, teacher_topk_log_probs, teacher_topk_indices, kind, alpha):
+    """Both distributions restricted to the teacher's top-K tokens and renormalized there (no tail)."""
+    student = softmax64(logits).gather(-1, teacher_topk_indices)
+    teacher = torch.exp(teacher_topk_log_probs.to(torch.float64))
+    return divergence(student / student.sum(-1, keepdim=True), teacher / teacher.sum(-1, keepdim=True), kind, alpha)
 
 
 def entropy(logits):

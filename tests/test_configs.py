@@ -12,10 +12,10 @@ from slime_self_distill.train import RECIPE_SLIME_ARGS_KEY, flag_value, plan_lau
 from tests.slime_support import needs_slime
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml")
+RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml", "sd_zero.yaml")
 # Megatron-LM's own flags (megatron.training.arguments, not installable here), which the recipes set for the
 # optimizer; slime's argument code knows every other flag they use.
-MEGATRON_FLAGS = {"--lr", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--min-lr",
+MEGATRON_FLAGS = {"--lr", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--lr-warmup-init", "--min-lr",
                   "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps", "--clip-grad",
                   "--calculate-per-token-loss"}
 
@@ -107,6 +107,18 @@ OFFICIAL = {
                    "--rollout-max-response-len": "8192", "--apply-chat-template-kwargs": '{"enable_thinking": false}',
                    "--advantage-estimator": "grpo", "--lr": "1e-05", "--lr-warmup-iters": "10",
                    "--lr-decay-style": "constant", "--weight-decay": "0.01", "--clip-grad": "1.0"}),
+    # princeton-pli/Self-Distillation-Zero scripts/distill.sh, examples/configs/distillation_math.yaml, distillation.py
+    "sd_zero.yaml": ({"teacher_context": "self_revision", "success_threshold": 1.0, "teacher": "frozen",
+                      "revision_phrase_correct": "Let me rephrase the above solution.",
+                      "revision_phrase_wrong": "Wait, this response is wrong. Let me correct it.",
+                      "kl_scope": "topk", "topk": 64, "topk_tail": "renormalize", "divergence": "mixed_kl",
+                      "alpha": 0.5, "importance_correction": "off", "num_loss_tokens_to_skip": 0,
+                      "top_entropy_quantile": 1.0},
+                     {"--rollout-batch-size": "128", "--n-samples-per-prompt": "1", "--global-batch-size": "128",
+                      "--num-rollout": "1000", "--rollout-temperature": "1.0", "--rollout-top-p": "1.0",
+                      "--rollout-max-response-len": "8192", "--lr": "5e-06", "--lr-warmup-init": "5e-07",
+                      "--lr-warmup-iters": "20", "--lr-decay-style": "constant", "--weight-decay": "0.01",
+                      "--adam-beta1": "0.9", "--adam-beta2": "0.999", "--clip-grad": "1.0"}),
 }
 
 
@@ -118,8 +130,9 @@ def test_recipe_has_the_official_values(name):
     assert {flag: slime_settings(name).get(flag) for flag in slime_flags} == slime_flags
 
 
-def test_opsd_is_a_per_token_mean_and_the_others_per_sample():
-    assert "--calculate-per-token-loss" in plan("opsd.yaml").slime_argv
+def test_opsd_and_sd_zero_are_per_token_means_and_the_others_per_sample():
+    for name in ("opsd.yaml", "sd_zero.yaml"):
+        assert "--calculate-per-token-loss" in plan(name).slime_argv
     for name in ("sdft.yaml", "sdft_topk.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml"):
         assert "--calculate-per-token-loss" not in plan(name).slime_argv
 

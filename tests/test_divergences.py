@@ -89,6 +89,42 @@ def test_topk_matches_reference_value_and_gradient(kind, alpha):
     assert torch.all(result.divergence <= ref.full_vocab(logits, teacher, kind, alpha).detach() + 1e-12)
 
 
+TOPK_ONLY_CASES = [("mixed_kl", 0.0), ("mixed_kl", 0.5), ("mixed_kl", 0.8)]
+
+
+@pytest.mark.parametrize("kind,alpha", CASES + TOPK_ONLY_CASES)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_topk_tails_and_mixed_kl_match_reference_value_gradient_and_gradcheck(kind, alpha, tail):
+    logits, teacher, sampled = make_inputs()
+    topk_values, topk_ids = teacher.topk(4, dim=-1)
+    weights = torch.rand(logits.shape[0], dtype=torch.float64) + 0.5
+    result = topk_divergence(logits, sampled, topk_values, topk_ids, divergence=kind, alpha=alpha, tail=tail,
+                             chunk_size=2)
+    reference = ref.topk_plus_tail if tail == "bucket" else ref.topk_renormalized
+    expected = reference(logits, topk_values, topk_ids, kind, alpha)
+    torch.testing.assert_close(result.divergence, expected.detach(), rtol=1e-9, atol=1e-12)
+    gradient = grad_of(result.loss_terms, logits, weights)
+    torch.testing.assert_close(gradient, grad_of(expected, logits, weights), rtol=1e-8, atol=1e-12)
+    if tail == "renormalize":  # the renormalized divergence depends on the K logits only
+        outside = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, topk_ids, False)
+        assert gradient[outside].abs().max() < 1e-12
+    small_logits, small_teacher, small_sampled = make_inputs(n=3, v=7, seed=1)
+    small_values, small_ids = small_teacher.topk(3, dim=-1)
+    assert torch.autograd.gradcheck(
+        lambda z: topk_divergence(z, small_sampled, small_values, small_ids, divergence=kind, alpha=alpha,
+                                  tail=tail).loss_terms, (small_logits,))
+
+
+def test_mixed_kl_is_refused_outside_the_topk_scope():
+    logits, teacher, sampled = make_inputs(n=2, v=5)
+    with pytest.raises(ValueError, match="mixed_kl is computed on the top-K support only"):
+        full_vocab_divergence(logits, sampled, teacher, divergence="mixed_kl", alpha=0.5)
+    with pytest.raises(ValueError, match="mixed_kl is computed on the top-K support only"):
+        sampled_token_divergence(logits, sampled, teacher[:, 0], divergence="mixed_kl", alpha=0.5, ratio_cap=10.0)
+    with pytest.raises(ValueError, match="unknown top-K tail"):
+        topk_divergence(logits, sampled, *teacher.topk(2, -1), divergence="forward_kl", alpha=0.5, tail="drop")
+
+
 @pytest.mark.parametrize("kind,alpha", CASES)
 def test_gradcheck_full_vocab_and_topk(kind, alpha):
     logits, teacher, sampled = make_inputs(n=4, v=7)

@@ -7,12 +7,15 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from slime_self_distill import prepare_dataset
+from slime_self_distill.data.cli import jsonl_writer
 from slime_self_distill.data.templates import TEMPLATES, build_teacher_prompt, render_prompt
 from slime_self_distill.prepare_dataset import main
+from tests.cli_support import read_jsonl, run_main, write_jsonl
 from tests.slime_support import needs_slime
 from tests.tokenizer_factory import make_tokenizer, save_tokenizer
 
@@ -22,20 +25,8 @@ CHAT_PROMPT = [{"role": "system", "content": "be brief"}, {"role": "user", "cont
 CHAT_ROW = {"prompt": CHAT_PROMPT, "demonstration": "42"}
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def read_jsonl(path):
-    # lines end at "\n" only, as slime reads them (splitlines would also cut at U+2028 inside a JSON string)
-    return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").split("\n") if line]
-
-
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, capsys, *argv)
 
 
 # ------------------------------------------------------------------------------------------------- row kinds
@@ -444,7 +435,7 @@ def test_pending_outputs_keep_the_old_files_when_writing_fails(tmp_path):
     outputs = {str(output): "--output", str(report): "the rejected-rows report"}
     with pytest.raises(prepare_dataset.UsageError, match=r"--output .*out.jsonl.*No space left on device"):
         with prepare_dataset.PendingOutputs(outputs) as pending:
-            pending.write(str(report), prepare_dataset._jsonl_writer(["{}"]))
+            pending.write(str(report), jsonl_writer(["{}"]))
             pending.write(str(output), failing_writer)
     assert output.read_text() == "old\n" and os.listdir(tmp_path) == ["out.jsonl"]  # no report, no temporary file
 
@@ -455,7 +446,7 @@ def test_pending_outputs_create_directories_and_remove_them_when_nothing_is_comm
         assert (tmp_path / "new" / "dir").is_dir()  # made on entry, to hold the temporary file
     assert os.listdir(tmp_path) == []
     with prepare_dataset.PendingOutputs({str(nested): "--output"}) as pending:
-        pending.write(str(nested), prepare_dataset._jsonl_writer(["{}"]))
+        pending.write(str(nested), jsonl_writer(["{}"]))
         pending.commit()
     assert nested.read_text() == "{}\n" and os.listdir(nested.parent) == ["x.jsonl"]
 
@@ -599,7 +590,7 @@ def test_unwritable_output_directory_fails_before_reading(tmp_path, capsys, monk
     def no_permission(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(prepare_dataset.tempfile, "mkstemp", no_permission)
+    monkeypatch.setattr(tempfile, "mkstemp", no_permission)
     monkeypatch.setattr(prepare_dataset, "prepare_row", lambda *args: pytest.fail("rows were read"))
     write_json_lines(tmp_path / "in.jsonl")
     code, _, err = run(capsys, "--input", tmp_path / "in.jsonl", "--output", existing_output)

@@ -186,13 +186,35 @@ def official_sdpo(inputs, *, topk, alpha=0.5, cap=2.0):
     return value_and_grad(total / len(samples), logits)
 
 
-TOPK = 5  # sdft_topk's K = 64 and sdpo's K = 100 are beyond this test's 16-token vocabulary
+def official_sd_zero(inputs, *, topk, mixed_kl_weight=0.5):
+    """princeton-pli/Self-Distillation-Zero self-distillation/nemo_rl/algorithms/loss_functions.py (fdaeb0b)
+    DistillationLossFn L1240-1325 with kl_type mixed, zero_outside_topk false: the student's logits gathered at the
+    teacher's top-K ids and both sides log-softmaxed over those K, per token mixed_kl_weight * sum T(log T - log S) +
+    (1 - mixed_kl_weight) * sum S(log S - log T); masked_mean over the step's loss tokens (the global token count);
+    temperature 1."""
+    logits, samples = per_sample(inputs)
+    total, count = 0.0, 0
+    for student, teacher, _, mask, _ in samples:
+        ids = teacher.topk(topk, -1).indices
+        log_s = torch.log_softmax(student.gather(-1, ids), -1)  # log_softmax of the logits gathered at the ids
+        log_t = torch.log_softmax(teacher.gather(-1, ids), -1)
+        forward = (log_t.exp() * (log_t - log_s)).sum(-1)
+        reverse = (log_s.exp() * (log_s - log_t)).sum(-1)
+        per_token = mixed_kl_weight * forward + (1 - mixed_kl_weight) * reverse
+        loss_mask = torch.tensor(mask, dtype=torch.float64)
+        total = total + (per_token * loss_mask).sum()
+        count += int(loss_mask.sum())
+    return value_and_grad(total / count, logits)
+
+
+TOPK = 5  # the recipes' K (64, 100) are beyond this test's 16-token vocabulary
 OFFICIAL = {
     "sdft.yaml": official_sdft,
     "sdft_topk.yaml": lambda inputs: official_sdft(inputs, topk=TOPK),
     "opsd.yaml": official_opsd,
     "sampled_token_reverse_kl.yaml": official_sdpo_token_level,
     "sdpo.yaml": lambda inputs: official_sdpo(inputs, topk=TOPK),
+    "sd_zero.yaml": lambda inputs: official_sd_zero(inputs, topk=TOPK),
 }
 
 

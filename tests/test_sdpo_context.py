@@ -833,36 +833,22 @@ def test_converter_errors_name_the_sample(thinking_tokenizer):
 
 
 @needs_slime
+@pytest.mark.parametrize("estimator", ["ppo", "grpo"])  # grpo normalizes the rewards: checked before that
 @pytest.mark.parametrize("reward,reward_key,message", [
     ({"score": 0.0}, None, "name its value with --reward-key"),
     ("0.0", None, "is not a number"),
+    (None, None, "is not a number"),
     ({"score": "low"}, "score", "is not a number"),
 ])
-def test_converter_reward_errors_name_the_sample_without_normalization(thinking_tokenizer, reward, reward_key,
-                                                                       message):
+def test_converter_reward_errors_name_the_sample(thinking_tokenizer, estimator, reward, reward_key, message):
     hf, tok = thinking_tokenizer
     samples = two_samples(tok)
     samples[1].reward = reward
     if reward_key:
         samples[0].reward = {reward_key: 1.0}
-    args = converter_args(hf, advantage_estimator="ppo", reward_key=reward_key, rollout_batch_size=1,
+    args = converter_args(hf, advantage_estimator=estimator, reward_key=reward_key, rollout_batch_size=1,
                           n_samples_per_prompt=2)
     with pytest.raises(SelfDistillDataError, match=rf"sample index=1 .*{message}"):
-        convert_samples_to_train_data(args, samples)
-
-
-@needs_slime
-@pytest.mark.parametrize("reward,reward_key", [({"score": 0.0}, None), ("0.0", None), (None, None),
-                                               ({"score": "low"}, "score")])
-def test_converter_reward_errors_name_the_sample_under_grpo(thinking_tokenizer, reward, reward_key):
-    hf, tok = thinking_tokenizer
-    samples = two_samples(tok)
-    samples[1].reward = reward
-    if reward_key:
-        samples[0].reward = {reward_key: 1.0}
-    args = converter_args(hf, advantage_estimator="grpo", reward_key=reward_key, rollout_batch_size=1,
-                          n_samples_per_prompt=2)
-    with pytest.raises(SelfDistillDataError, match=r"sample index=1 "):
         convert_samples_to_train_data(args, samples)
 
 

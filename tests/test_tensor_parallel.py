@@ -25,7 +25,12 @@ pytestmark = pytest.mark.distributed
 
 ROWS, VOCAB = 10, 24
 CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("alpha_js", 0.3)]
-SCOPES = ["full_vocab", "topk", "sampled_token"]
+SCOPES = ["full_vocab", "topk", "topk_renormalized", "sampled_token"]
+
+
+def cases_for(scope):
+    """SD-Zero's mixed KL exists on the top-K support only."""
+    return CASES + [("mixed_kl", 0.5)] if scope.startswith("topk") else CASES
 CLIP = 0.05  # OPSD's clamp of each forward-KL entry (full_vocab term_clip)
 
 
@@ -49,9 +54,11 @@ def _run_scope(scope, kind, alpha, logits, teacher_shard, teacher_full, sampled,
     if scope == "full_vocab":
         return full_vocab_divergence(logits, sampled, teacher_shard, divergence=kind, alpha=alpha, tp_group=group,
                                      chunk_size=4)
-    if scope == "topk":
+    if scope.startswith("topk"):
         values, ids = teacher_full.topk(5, -1)
-        return topk_divergence(logits, sampled, values, ids, divergence=kind, alpha=alpha, tp_group=group, chunk_size=4)
+        tail = "renormalize" if scope == "topk_renormalized" else "bucket"
+        return topk_divergence(logits, sampled, values, ids, divergence=kind, alpha=alpha, tp_group=group, chunk_size=4,
+                               tail=tail)
     token = teacher_full.gather(-1, sampled[:, None]).squeeze(-1)
     return sampled_token_divergence(logits, sampled, token, divergence=kind, alpha=alpha, ratio_cap=5.0,
                                     tp_group=group, chunk_size=4)
@@ -67,7 +74,7 @@ def _tensor_parallel_worker(rank, world, port, queue):
         columns = slice(rank * shard, (rank + 1) * shard)
         results = {}
         for scope in SCOPES:
-            for kind, alpha in CASES:
+            for kind, alpha in cases_for(scope):
                 local = logits[:, columns].clone().requires_grad_(True)
                 out = _run_scope(scope, kind, alpha, local, teacher[:, columns], teacher, sampled, group)
                 (out.loss_terms * weights).sum().backward()
@@ -97,7 +104,7 @@ def _single_rank_results():
     logits, teacher, sampled, weights = _inputs()
     results = {}
     for scope in SCOPES:
-        for kind, alpha in CASES:
+        for kind, alpha in cases_for(scope):
             local = logits.clone().requires_grad_(True)
             out = _run_scope(scope, kind, alpha, local, teacher, teacher, sampled, None)
             (out.loss_terms * weights).sum().backward()

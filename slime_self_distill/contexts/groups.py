@@ -34,10 +34,16 @@ REASON_BUILDER_NONE = "builder_returned_none"
 
 @dataclass(frozen=True)
 class ContextChoice:
-    prompt: Optional[Prompt]  # None: no teacher
+    prompt: Optional[Prompt]  # to render and encode like the student's prompt; None: no teacher (or prompt_ids)
     reason: str = ""  # why there is no teacher
     # fits -> the longest prompt that fits (None if none does); None when the prompt cannot be shortened
     shorten: Optional[Callable[[Callable[[Prompt], bool]], Optional[Prompt]]] = None
+    # the teacher prompt as ids already (self_revision: the student's own prompt and response ids), instead of prompt
+    prompt_ids: Optional[tuple] = None
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.prompt is not None or self.prompt_ids is not None
 
 
 @dataclass
@@ -67,8 +73,8 @@ def reward_of(args: Any, sample: Any):
     if key:
         if not isinstance(reward, dict) or key not in reward:
             found = f"a dict without it ({sorted(reward)})" if isinstance(reward, dict) else repr(reward)
-            raise SelfDistillDataError(f"{describe_sample(sample)}: --reward-key {key!r} names a reward dict entry, but "
-                                       f"its reward is {found}")
+            raise SelfDistillDataError(
+                f"{describe_sample(sample)}: --reward-key {key!r} names a reward dict entry, but its reward is {found}")
         reward = reward[key]
     elif isinstance(reward, dict):
         raise SelfDistillDataError(

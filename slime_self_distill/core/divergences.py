@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "alpha_js")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "alpha_js", "mixed_kl")
+TOPK_TAILS = ("bucket", "renormalize")
 
 # Rows per chunk. Small enough that a chunk's fp32 temporaries (rows x V_local) stay a small fraction of the
 # logits, large enough to amortize the per-chunk collectives (benchmarks/bench_loss.py measures the trade-off).
@@ -58,12 +59,12 @@ def _all_reduce(t: torch.Tensor, tp_group, op=dist.ReduceOp.SUM) -> torch.Tensor
 
 
 def resolve_divergence(divergence: str, alpha: float) -> tuple[str, float]:
-    """alpha_js at alpha 0 / 1 *is* forward / reverse KL (the mixture formula would tend to 0 there)."""
+    """alpha_js and mixed_kl at alpha 0 / 1 *are* forward / reverse KL (the mixture formula would tend to 0 there)."""
     if divergence not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
-    if divergence == "alpha_js":
+    if divergence in ("alpha_js", "mixed_kl"):
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha_js needs alpha in [0, 1], got {alpha}")
+            raise ValueError(f"{divergence} needs alpha in [0, 1], got {alpha}")
         if alpha == 0.0:
             return "forward_kl", 0.0
         if alpha == 1.0:
@@ -338,6 +339,8 @@ def full_vocab_divergence(
     ``term_clip`` (forward KL only; OPSD's ``jsd_token_clip``): the loss terms are ``sum_v min(T_v (log T_v - log
     S_v), term_clip)``, whose clamped entries give no gradient; ``divergence`` stays the unclamped KL."""
     kind, alpha = resolve_divergence(divergence, alpha)
+    if kind == "mixed_kl":
+        raise ValueError("mixed_kl is computed on the top-K support only (kl_scope topk)")
     if term_clip is not None and kind != "forward_kl":
         raise ValueError(f"term_clip clamps the entries of the forward KL; got divergence {divergence!r}")
     if teacher_log_probs.shape != logits.shape:
@@ -419,6 +422,9 @@ def _categorical_divergence(student_log_probs, teacher_log_probs, kind, alpha):
     if kind == "reverse_kl":
         floored = teacher_log_probs.clamp(min=TEACHER_LOG_PROB_FLOOR)
         return torch.where(student_p > 0, student_p * (student_log_probs - floored), 0.0).sum(-1)
+    if kind == "mixed_kl":
+        return ((1.0 - alpha) * _categorical_divergence(student_log_probs, teacher_log_probs, "forward_kl", alpha)
+                + alpha * _categorical_divergence(student_log_probs, teacher_log_probs, "reverse_kl", alpha))
     log_mix = torch.logaddexp(teacher_log_probs + math.log(alpha), student_log_probs + math.log1p(-alpha))
     teacher_part = torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - log_mix), 0.0).sum(-1)
     student_part = torch.where(student_p > 0, student_p * (student_log_probs - log_mix), 0.0).sum(-1)
@@ -435,13 +441,18 @@ def topk_divergence(
     alpha: float,
     tp_group=None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tail: str = "bucket",
 ) -> TokenDivergence:
-    """The divergence on the teacher's K tokens plus one tail bucket holding the remaining mass of each side.
+    """The divergence on the teacher's K tokens plus, with ``tail="bucket"``, one tail bucket holding the remaining
+    mass of each side; with ``tail="renormalize"``, both sides renormalized over the K tokens (no tail).
 
-    Merging categories can only lower a KL, so this is a lower bound of the full-vocabulary value. The student's
-    log-probabilities come from its full sharded log-softmax, so the gradient reaches every logit.
+    Merging categories can only lower a KL, so the bucket form is a lower bound of the full-vocabulary value. The
+    student's log-probabilities come from its full sharded log-softmax, so the bucket form's gradient reaches every
+    logit; the renormalized form depends on the K logits only (their own log-softmax), as SD-Zero's official loss.
     """
     kind, alpha = resolve_divergence(divergence, alpha)
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"unknown top-K tail {tail!r}; choose one of {', '.join(TOPK_TAILS)}")
     n = logits.shape[0]
     if teacher_topk_log_probs.shape != teacher_topk_indices.shape or teacher_topk_log_probs.shape[:1] != (n,):
         raise ValueError(
@@ -452,11 +463,15 @@ def topk_divergence(
     log_probs, entropy = vocab_parallel_log_probs_at(logits, ids, tp_group, chunk_size)
     student_topk, student_token = log_probs[:, :-1], log_probs[:, -1]
     teacher_topk = teacher_topk_log_probs.to(log_probs.dtype)
-    teacher_tail = _log1mexp(torch.logsumexp(teacher_topk, -1, keepdim=True))
-    student_tail = _log1mexp(torch.logsumexp(student_topk, -1, keepdim=True))
-    value = _categorical_divergence(
-        torch.cat([student_topk, student_tail], -1), torch.cat([teacher_topk, teacher_tail], -1), kind, alpha
-    )
+    if tail == "bucket":
+        teacher_tail = _log1mexp(torch.logsumexp(teacher_topk, -1, keepdim=True))
+        student_tail = _log1mexp(torch.logsumexp(student_topk, -1, keepdim=True))
+        value = _categorical_divergence(
+            torch.cat([student_topk, student_tail], -1), torch.cat([teacher_topk, teacher_tail], -1), kind, alpha
+        )
+    else:
+        value = _categorical_divergence(torch.log_softmax(student_topk, -1), torch.log_softmax(teacher_topk, -1),
+                                        kind, alpha)
     return TokenDivergence(
         loss_terms=value,
         divergence=value.detach(),
@@ -493,6 +508,8 @@ def sampled_token_divergence(
                          f"{tuple(sampled_tokens.shape)} (one per sampled token)")
     if ratio_cap <= 0:
         raise ValueError(f"ratio_cap must be > 0, got {ratio_cap}")
+    if kind == "mixed_kl":
+        raise ValueError("mixed_kl is computed on the top-K support only (kl_scope topk)")
     log_probs, entropy = vocab_parallel_log_probs_at(logits, sampled_tokens.long().unsqueeze(-1), tp_group, chunk_size)
     student = log_probs.squeeze(-1)
     s = student.detach()
