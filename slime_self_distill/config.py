@@ -279,6 +279,26 @@ class SelfDistillConfig:
         metadata=_knob("self_revision: the phrase P_r after a response below the threshold (SD-Zero's, for Qwen "
                        "models; its OLMo phrase is 'Wrong. I need to redo all.')."),
     )
+    revision_output: Optional[str] = field(
+        default=None,
+        metadata=_knob("SD-Zero phase 1 collection (slime_self_distill.sd_zero_collect): the JSON-lines file the kept "
+                       "self-revision tuples are written to, rewritten atomically after every rollout and resumed when "
+                       "it exists."),
+    )
+    revision_target: int = field(
+        default=6000,
+        metadata=_knob("SD-Zero phase 1 collection: stop after this many kept tuples (the official 6000; >= 1)."),
+    )
+    revisions_per_attempt: int = field(
+        default=3,
+        metadata=_knob("SD-Zero phase 1 collection: revisions sampled per revised first attempt (the official "
+                       "script's 3; >= 1)."),
+    )
+    revise_correct: bool = field(
+        default=False,
+        metadata=_knob("SD-Zero phase 1 collection: revise correct first attempts too (with the 'correct' phrase); "
+                       "the official default revises wrong ones only."),
+    )
     rl_combination: str = field(
         default="none",
         metadata=_knob(
@@ -382,8 +402,14 @@ class SelfDistillConfig:
 
     @property
     def needs_raw_student_prompt(self) -> bool:
-        """The context rewrites the student's raw prompt (SDPO) or may read it (a user-defined builder)."""
-        return self.builds_sdpo_context or self.teacher_context_path is not None
+        """The context rewrites the student's raw prompt (SDPO), may read it (a user-defined builder), or SD-Zero's
+        collection records it with each tuple."""
+        return self.builds_sdpo_context or self.teacher_context_path is not None or self.revision_output is not None
+
+    @property
+    def collects_revisions(self) -> bool:
+        """An SD-Zero phase-1 collection run (``--self-distill-revision-output``): no teacher reads the rollouts."""
+        return self.revision_output is not None
 
     @property
     def teacher_prompt_from_row(self) -> bool:
@@ -403,6 +429,20 @@ SDPO_TEMPLATE_FIELDS = {
     "solution_template": (("successful_previous_attempt",), ()),
     "feedback_template": (("feedback_raw",), ()),
 }
+
+# (args, its config): slime passes one args object per process. The object itself is held and compared, not its id(),
+# which a new object can reuse once the old one is freed (tests build many).
+_config_of_args: Optional[tuple] = None
+
+
+def config_of(args: Any) -> "SelfDistillConfig":
+    """``SelfDistillConfig.from_args(args)``, parsed once per args object (for hooks slime calls per sample or per
+    micro-batch)."""
+    global _config_of_args
+    if _config_of_args is None or _config_of_args[0] is not args:
+        _config_of_args = (args, SelfDistillConfig.from_args(args))
+    return _config_of_args[1]
+
 
 SETTING_KEYS = frozenset(ARG_PREFIX + f.name for f in dataclasses.fields(SelfDistillConfig))
 
@@ -566,6 +606,12 @@ def _validate(c: SelfDistillConfig) -> None:
     if c.teacher_context == "self_revision" and c.teacher_overflow == "truncate_demonstration":
         _fail("teacher_overflow", "'truncate_demonstration' with the self_revision context, whose teacher prompt "
               "is the student's prompt and response", "use error or drop")
+    if c.revision_target < 1:
+        _fail("revision_target", f"got {c.revision_target}", "use a positive number of tuples (the official 6000)")
+    if c.revisions_per_attempt < 1:
+        _fail("revisions_per_attempt", f"got {c.revisions_per_attempt}", "use 1 or more (the official script's 3)")
+    if c.revision_output is not None and not c.revision_output.strip():
+        _fail("revision_output", "is empty", "give the path of the JSON-lines file of kept tuples")
     for name in ("revision_phrase_correct", "revision_phrase_wrong"):
         if not getattr(c, name).strip():
             _fail(name, "is empty", "give the revision phrase the teacher reads between the two copies of the response")

@@ -15,11 +15,11 @@ The computation itself (``per_token_distillation``) needs no slime: the glue onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.config import ConfigError, SelfDistillConfig, config_of, flag_name
 from slime_self_distill.core.divergences import (
     TokenDivergence,
     full_vocab_divergence,
@@ -167,18 +167,6 @@ def reduce_per_token_loss(
 
 
 # ---------------------------------------------------------------------- slime glue
-# (args, its config): slime passes one args object per process. The object itself is held and compared, not its
-# id(), which a new object can reuse once the old one is freed (tests build many).
-_config_cache: Optional[tuple[Any, SelfDistillConfig]] = None
-
-
-def _config(args) -> SelfDistillConfig:
-    global _config_cache
-    if _config_cache is None or _config_cache[0] is not args:
-        _config_cache = (args, SelfDistillConfig.from_args(args))
-    return _config_cache[1]
-
-
 def _required_teacher_keys(config: SelfDistillConfig) -> list[str]:
     keys = [TEACHER_TOKEN_LOG_PROBS_KEY]
     if config.kl_scope == "topk":
@@ -224,7 +212,7 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
     from slime.backends.megatron_utils.loss import get_responses
 
-    config = _config(args)
+    config = config_of(args)
     tp_group, dp_group, cp_group = _parallel_groups()
     total_lengths, response_lengths = batch["total_lengths"], batch["response_lengths"]
     weights = batch.get(LOSS_WEIGHTS_KEY)

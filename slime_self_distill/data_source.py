@@ -262,7 +262,7 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
     metadata = row.get(keys.metadata_key) or {}
     if not isinstance(metadata, dict):
         return f"--metadata-key {keys.metadata_key!r} is a {type(metadata).__name__}, expected an object", False
-    if not config.teacher_prompt_from_row:  # the teacher prompt is built after rewards: the row needs none
+    if not config.teacher_prompt_from_row or config.collects_revisions:  # the row needs no teacher prompt
         if config.builds_sdpo_context:
             problem = reprompt_target_problem(prompt)
             if problem is not None:
@@ -291,7 +291,8 @@ def check_prompt_data(path: str, keys: PromptDataKeys, config: SelfDistillConfig
     for number, row in read_prompt_rows(path):
         report.rows += 1
         problem, has_teacher = prompt_row_problem(row, keys, config)
-        if problem is None and has_teacher and teacher_prompt_tokens is not None and config.teacher_prompt_from_row:
+        if (problem is None and has_teacher and teacher_prompt_tokens is not None and config.teacher_prompt_from_row
+                and not config.collects_revisions):
             tools = row.get(keys.tool_key) if keys.tool_key else None
             try:
                 length = teacher_prompt_tokens(row[keys.metadata_key][config.teacher_prompt_key],
@@ -410,7 +411,7 @@ def _build_data_source_class() -> type:
             config = self.self_distill_config
             for group in groups:
                 for sample in group:
-                    if config.teacher_prompt_from_row:
+                    if config.teacher_prompt_from_row and not config.collects_revisions:
                         annotate_teacher_prompt(
                             sample.metadata,
                             config=config,
@@ -418,7 +419,7 @@ def _build_data_source_class() -> type:
                             render=self._render,
                             sample_description=describe_sample(sample),
                         )
-                    elif config.needs_raw_student_prompt:
+                    if config.needs_raw_student_prompt:
                         annotate_student_prompt(sample.metadata, sample.prompt, index=self._student_prompts,
                                                 required=config.builds_sdpo_context,
                                                 sample_description=describe_sample(sample))

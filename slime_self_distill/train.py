@@ -77,6 +77,7 @@ KEEPS_STUDENT_PASS_FLAGS = ("--use-tis", "--get-mismatch-metrics", "--log-correc
 # frozen teacher checkpoint; 0 is the only accepted value, so it is filled in with --use-opd unless given.
 OPD_KL_COEF_FLAG = "--opd-kl-coef"
 USE_OPD_FLAG = "--use-opd"
+DEBUG_ROLLOUT_ONLY_FLAG = "--debug-rollout-only"
 REF_LOAD_FLAG = "--ref-load"
 CUSTOM_CONFIG_FLAG = "--custom-config-path"
 RECIPE_SLIME_ARGS_KEY = "slime_args"  # recipe key: slime flags put before the command line's
@@ -198,7 +199,8 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
     if USE_ROLLOUT_LOGPROBS_FLAG not in present and not needs_student_pass:
         filled.append([USE_ROLLOUT_LOGPROBS_FLAG])
     uses_opd = USE_OPD_FLAG in present
-    if config.teacher == "frozen" and not uses_opd:
+    rollout_only = DEBUG_ROLLOUT_ONLY_FLAG in present  # no trainer: no teacher to load (e.g. an SD-Zero collection)
+    if config.teacher == "frozen" and not uses_opd and not rollout_only:
         initial = flag_value(argv, REF_LOAD_FLAG)
         if initial is None:
             raise ConfigError(
@@ -383,9 +385,9 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     from slime_self_distill.megatron_hooks import check_args, check_teacher_store
 
     config = SelfDistillConfig.from_args(args)
-    check_args(args, config)
-    if getattr(args, "debug_rollout_only", False):  # no training actors, no teacher store
+    if getattr(args, "debug_rollout_only", False):  # no training actors: no teacher pass, no teacher store
         return config
+    check_args(args, config)
     dp_size = actor_data_parallel_size(args)
     try:
         check_teacher_store(args, config, dp_size)
@@ -438,7 +440,9 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
     if report.longest_teacher_prompt is not None:
         rendering = f"teacher prompts rendered and encoded: up to {report.longest_teacher_prompt} tokens"
-    if plan.config.builds_self_revision_context:
+    if plan.config.collects_revisions:
+        rendering = "an SD-Zero collection: no teacher prompt is read"
+    elif plan.config.builds_self_revision_context:
         rendering = "teacher prompts are each sample's own prompt and response, built after rewards"
     elif not plan.config.teacher_prompt_from_row:
         rendering = "teacher prompts are built from each rollout group after rewards"

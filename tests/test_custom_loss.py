@@ -180,7 +180,7 @@ def _slime_case(per_token: bool, config: SelfDistillConfig):
 
 
 def test_the_loss_reads_the_settings_of_the_args_it_is_given():
-    from slime_self_distill.custom_loss import _config
+    from slime_self_distill.config import config_of as _config
 
     # A freed args object's id() is often reused by the next one: the settings must follow the object.
     for scope in ("topk", "full_vocab", "sampled_token", "topk") * 5:

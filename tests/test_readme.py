@@ -67,4 +67,4 @@ def test_every_plugin_path_in_the_readme_exists():
         module = importlib.import_module(module_name)
         source = Path(module.__file__).read_text()
         # the data source class is built lazily (it subclasses slime's, which needs slime): look for its definition
-        assert re.search(rf"^\s*(def|class) {attribute}\b", source, re.M), (module_name, attribute)
+        assert re.search(rf"^\s*(async def|def|class) {attribute}\b", source, re.M), (module_name, attribute)

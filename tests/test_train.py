@@ -371,6 +371,17 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
     assert validate_parsed_args(args).kl_scope == "full_vocab"
 
 
+def test_a_rollout_only_run_loads_no_teacher():
+    """An SD-Zero collection (or any --debug-rollout-only run) has no trainer: a frozen teacher needs no --ref-load
+    and the teacher-pass checks do not apply."""
+    argv, filled = fill_plugin_defaults(["--debug-rollout-only"], SelfDistillConfig())
+    assert "--use-opd" not in argv and not any("opd" in f for f in filled)
+    with pytest.raises(ConfigError, match="--ref-load"):
+        fill_plugin_defaults([], SelfDistillConfig())
+    args = parsed_args(self_distill_kl_scope="full_vocab", rollout_max_response_len=None, debug_rollout_only=True)
+    assert validate_parsed_args(args).kl_scope == "full_vocab"  # no teacher store to size
+
+
 def test_without_a_budget_the_launcher_node_only_warns(monkeypatch, capsys):
     """The launcher's node need not be a training node: its memory decides nothing unless a budget is given."""
     from slime_self_distill.core import host_memory

@@ -44,3 +44,20 @@ def self_revision_contexts(args: Any, samples: Sequence[Any], config: SelfDistil
         choices.append(ContextChoice(
             None, prompt_ids=teacher_prompt_ids(prompt_ids, response_ids_of(sample), delimiters[correct])))
     return GroupContexts(choices, {"revision_correct_fraction": n_correct / len(samples)} if samples else {})
+
+
+# ----------------------------------------------------------------------------- SD-Zero phase 1 (collection)
+def strip_stop_suffix(text: str, suffixes: Sequence[str]) -> str:
+    """``text`` without the longest of ``suffixes`` it ends with (a stop string or end-of-turn text the engine kept:
+    slime asks SGLang for ``no_stop_trim``), once. The official collection samples with vLLM, which leaves stop
+    strings out of the text, so its y_init and y_revised never end with one."""
+    for suffix in sorted((s for s in suffixes if s), key=len, reverse=True):
+        if text.endswith(suffix):
+            return text[:-len(suffix)]
+    return text
+
+
+def revision_continuation(rendered_prompt: str, y_init: str, phrase: str) -> str:
+    """SD-Zero phase 1's revision input (self_critique_pipeline.py:212-228): the rendered student prompt, the first
+    attempt and the delimiter, one text continuing the assistant turn (tokenized as a whole)."""
+    return f"{rendered_prompt}{y_init}{revision_delimiter(phrase)}"
