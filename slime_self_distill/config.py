@@ -236,7 +236,8 @@ class SelfDistillConfig:
     )
     success_threshold: float = field(
         default=1.0,
-        metadata=_knob("sdpo: a response is successful when its reward (slime's, --reward-key honoured) is >= this."),
+        metadata=_knob("sdpo and self_revision (and the SD-Zero collection): a response is successful / correct when "
+                       "its reward (slime's, --reward-key honoured) is >= this."),
     )
     dont_reprompt_on_self_success: bool = field(
         default=True,

@@ -603,13 +603,17 @@ def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> tuple
     """slime's real ``parse_args`` with the plugin's flags, on ``slime_argv`` (it reads ``sys.argv``); returns the
     parsed args and the names of every argument slime's parsers know."""
     import_slime_from(root)
+
+    def unimportable(error: ImportError) -> LaunchError:
+        return LaunchError(
+            f"{PARSER_IMPORT_FAILURE} ({error}); put Megatron-LM on PYTHONPATH (slime's image keeps it at "
+            "/root/Megatron-LM; the run script adds $MEGATRON_LM_PATH) and install slime's dependencies"
+        )
+
     try:
         from slime.utils.arguments import parse_args
     except ImportError as error:  # slime's parser imports Megatron-LM's megatron.training and SGLang
-        raise LaunchError(
-            f"{PARSER_IMPORT_FAILURE} ({error}); put Megatron-LM on PYTHONPATH (slime's image keeps it at "
-            "/root/Megatron-LM; the run script adds $MEGATRON_LM_PATH) and install slime's dependencies"
-        ) from None
+        raise unimportable(error) from None
 
     saved = sys.argv
     sys.argv = [str(root / ENTRY_SCRIPTS[entry]), *slime_argv]
@@ -617,6 +621,8 @@ def parse_slime_args(root: Path, slime_argv: Sequence[str], entry: str) -> tuple
         with recorded_argument_names() as names:
             args = parse_args(add_custom_arguments=add_custom_arguments)
         return args, names
+    except ImportError as error:  # parse_args imports megatron.training's own parser when it runs
+        raise unimportable(error) from None
     finally:
         sys.argv = saved
 

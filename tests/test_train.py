@@ -654,13 +654,17 @@ def test_check_only_reports_a_first_line_behind_a_byte_order_mark_as_slime_reads
     assert "slime reads only .jsonl and .parquet" in capsys.readouterr().err
 
 
-def test_check_only_where_slimes_parser_cannot_be_imported(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("arguments_module", [
+    "import megatron.training.nowhere\n",  # at import
+    "def parse_args(add_custom_arguments=None):\n    import megatron.training.nowhere\n",  # when parse_args runs
+])
+def test_check_only_where_slimes_parser_cannot_be_imported(tmp_path, monkeypatch, capsys, arguments_module):
     """A CPU machine with a slime checkout but without Megatron-LM: the plugin's checks still run."""
     checkout = make_checkout(tmp_path / "slime_checkout")
     utils = checkout / "slime" / "utils"
     utils.mkdir()
     (utils / "__init__.py").write_text("")
-    (utils / "arguments.py").write_text("import megatron.training.nowhere\n")
+    (utils / "arguments.py").write_text(arguments_module)
     monkeypatch.setattr(launcher, "import_slime_from", lambda root: None)
     monkeypatch.syspath_prepend(str(checkout))
     real_slime = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "slime"}
