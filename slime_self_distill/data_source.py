@@ -248,9 +248,11 @@ def prompt_row_problem(row: Any, keys: PromptDataKeys, config: SelfDistillConfig
     if isinstance(prompt, list) and not keys.apply_chat_template:
         return f"--input-key {keys.input_key!r} holds chat messages, which slime renders only with --apply-chat-template", False
     if keys.label_key is not None and keys.label_key not in row:
+        fix = ("prepare the file with prepare_dataset --label-key <the label column> (it stays at the top level)"
+               if config.teacher_prompt_from_row and not config.collects_revisions else
+               "add that column to every row (the teacher context is built from the rewards)")
         return (f"--label-key {keys.label_key!r} is missing (the row's columns: {sorted(row)}); slime reads it for the "
-                "reward: prepare the file with prepare_dataset --label-key <the label column> (it stays at the top "
-                "level), or score without labels (--rm-type random, no --label-key)"), False
+                f"reward: {fix}, or score without labels (--rm-type random, no --label-key)"), False
     if keys.tool_key is not None and row.get(keys.tool_key) is not None:
         tools = row[keys.tool_key]
         try:

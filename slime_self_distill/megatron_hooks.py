@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
+from slime_self_distill.custom_convert import GROUP_CENTERED_ESTIMATORS
 from slime_self_distill.core import host_memory
 from slime_self_distill.core.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
 from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
@@ -136,6 +137,15 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
                 f"would ignore {'it' if len(ignored) == 1 else 'them'}; drop {'it' if len(ignored) == 1 else 'them'}, "
                 f"or add the policy loss with {flag_name('rl_combination')} hybrid or additive"
             )
+    if (config.rl_combination != "none" and getattr(args, "n_samples_per_prompt", 2) == 1
+            and getattr(args, "advantage_estimator", None) in GROUP_CENTERED_ESTIMATORS
+            and getattr(args, "rewards_normalization", True)):
+        raise ConfigError(
+            f"{flag_name('rl_combination')} {config.rl_combination} adds slime's policy loss, but with "
+            f"--advantage-estimator {args.advantage_estimator} and one sample per prompt every advantage is 0 (the "
+            "reward minus its group's mean): sample several responses per prompt (--n-samples-per-prompt), or use "
+            f"{flag_name('rl_combination')} none"
+        )
     if config.builds_sdpo_context and not (getattr(args, "rollout_global_dataset", True)
                                            and getattr(args, "prompt_data", "") is not None):
         raise ConfigError(

@@ -72,6 +72,30 @@ def revision_phrase(args: Any, y_init_correct: bool) -> str:
     return config.revision_phrase_correct if y_init_correct else config.revision_phrase_wrong
 
 
+ROLLOUT_FUNCTION_PATH = f"{__name__}.generate_rollout"
+GENERATE_FUNCTION_PATH = f"{__name__}.generate_with_revision"
+
+
+def check_collection_args(args: Any) -> None:
+    """The launcher's start-up check: the collection's two functions and its output file go together (any one without
+    the others collects nothing, or fails at the first rollout), and what the collection cannot work with."""
+    config = config_of(args)
+    functions = {"--rollout-function-path": (getattr(args, "rollout_function_path", None), ROLLOUT_FUNCTION_PATH),
+                 "--custom-generate-function-path": (getattr(args, "custom_generate_function_path", None),
+                                                     GENERATE_FUNCTION_PATH)}
+    given = [flag for flag, (value, ours) in functions.items() if value == ours]
+    if not given and not config.collects_revisions:
+        return
+    missing = [f"{flag} {ours}" for flag, (value, ours) in functions.items() if value != ours]
+    if not config.collects_revisions:
+        raise SdZeroCollectError(f"{' and '.join(given)} name the SD-Zero collection, which needs "
+                                 f"{flag_name('revision_output')} <the JSON-lines file of kept tuples>")
+    if missing:
+        raise SdZeroCollectError(f"{flag_name('revision_output')} collects SD-Zero tuples, which needs "
+                                 f"{' and '.join(missing)}")
+    check_args(args)
+
+
 def check_args(args: Any) -> None:
     """What the collection cannot work with, refused before anything is generated."""
     config_of(args)  # the settings are valid

@@ -348,7 +348,8 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
             raise ConfigError(
                 f"{flag_name(key[len(ARG_PREFIX):])} {from_flags[key]} on the command line conflicts with "
                 f"'{key}: {from_yaml[key]}' in {CUSTOM_CONFIG_FLAG} {path} (slime applies the YAML value last); "
-                "remove one of them"
+                "to change a recipe's setting, copy the recipe and edit its key (give a flag only for a setting the "
+                "recipe does not set)"
             )
     settings = argparse.Namespace(**{**from_flags, **from_yaml})
     try:
@@ -384,7 +385,10 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     node's memory: a warning, or an error with --self-distill-host-memory-budget-gb)."""
     from slime_self_distill.megatron_hooks import check_args, check_teacher_store
 
+    from slime_self_distill.sd_zero_collect import check_collection_args
+
     config = SelfDistillConfig.from_args(args)
+    check_collection_args(args)
     if getattr(args, "debug_rollout_only", False):  # no training actors: no teacher pass, no teacher store
         return config
     check_args(args, config)
@@ -662,7 +666,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
                 raise
             print(f"slime_self_distill.train: self-distillation settings OK ({plan.config.describe()}); "
                   f"{data_summary}")
-            _say(f"slime's own arguments were not checked: {missing}")
+            _say(f"slime's own arguments were not checked, nor the plugin's settings against them (e.g. "
+                 f"--use-kl-loss with --self-distill-rl-combination none, SDPO with one sample per prompt): {missing}")
             return 0
         check_recipe_slime_keys(plan.recipe, plan.recipe_path, slime_keys)
         config = validate_parsed_args(args)

@@ -146,6 +146,8 @@ def test_wrap_then_runs_the_hook_after_the_function():
         (dict(self_distill_teacher_context="sdpo", n_samples_per_prompt=1, self_distill_feedback="off"),
          "gives no sample a teacher"),
         (dict(self_distill_teacher_context="sdpo", rollout_global_dataset=False), "drop --disable-rollout-global"),
+        (dict(self_distill_rl_combination="hybrid", n_samples_per_prompt=1, advantage_estimator="grpo"),
+         "every advantage is 0"),
         (dict(self_distill_teacher_context="sdpo", prompt_data=None), "give --prompt-data"),
     ],
 )

@@ -371,6 +371,29 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
     assert validate_parsed_args(args).kl_scope == "full_vocab"
 
 
+COLLECT = dict(rollout_function_path="slime_self_distill.sd_zero_collect.generate_rollout",
+               custom_generate_function_path="slime_self_distill.sd_zero_collect.generate_with_revision")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(COLLECT), "name the SD-Zero collection, which needs --self-distill-revision-output"),
+    (dict(custom_generate_function_path=COLLECT["custom_generate_function_path"]), "which needs"),
+    (dict(self_distill_revision_output="/tmp/t.jsonl"), "needs --rollout-function-path slime_self_distill"),
+    (dict(COLLECT, self_distill_revision_output="/tmp/t.jsonl", rollout_function_path="my.rollout"),
+     "needs --rollout-function-path slime_self_distill.sd_zero_collect.generate_rollout"),
+    (dict(COLLECT, self_distill_revision_output="/tmp/t.jsonl", group_rm=True), "--group-rm"),
+    (dict(COLLECT, self_distill_revision_output="/tmp/t.jsonl", partial_rollout=True), "--partial-rollout"),
+])
+def test_an_sd_zero_collection_is_checked_at_start_up(overrides, match):
+    from slime_self_distill.sd_zero_collect import SdZeroCollectError
+
+    with pytest.raises(SdZeroCollectError, match=match):
+        validate_parsed_args(parsed_args(debug_rollout_only=True, **overrides))
+    config = validate_parsed_args(parsed_args(debug_rollout_only=True, self_distill_revision_output="/tmp/t.jsonl",
+                                              **COLLECT))
+    assert config.collects_revisions
+
+
 def test_a_rollout_only_run_loads_no_teacher():
     """An SD-Zero collection (or any --debug-rollout-only run) has no trainer: a frozen teacher needs no --ref-load
     and the teacher-pass checks do not apply."""

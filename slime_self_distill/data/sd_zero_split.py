@@ -425,7 +425,8 @@ slime SFT rows:
 Stage 2 puts the first attempt and P_r in the USER turn, as the official SFT does. Each row is
 {{"messages": [system?, ...earlier turns, user, assistant]}}: train each stage with slime's
 --rollout-function-path slime.rollout.sft_rollout.generate_rollout --input-key messages --loss-type sft_loss
-(no --apply-chat-template; --loss-mask-type qwen or qwen3), stage 2 starting from the stage-1 checkpoint. The loss
+(no --apply-chat-template; --loss-mask-type qwen: qwen3 would also train the empty think block a hybrid Qwen3
+template writes), stage 2 starting from the stage-1 checkpoint. The loss
 covers the assistant turn and the end token the chat template writes after it; the official code appends
 "<|im_end|>" to its completions because TRL's prompt/completion rows have no template end, so it is not appended here.
 
