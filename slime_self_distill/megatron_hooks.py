@@ -81,8 +81,24 @@ def routing_replay_needs_student_pass(args: Any) -> bool:
     return bool(getattr(args, "use_routing_replay", False)) and not getattr(args, "use_rollout_routing_replay", False)
 
 
+# slime's rule-based rewards that return a dict (slime_self_distill reads the number under --reward-key).
+DICT_REWARDS = ("dapo",)
+
+
+def check_reward_args(args: Any) -> None:
+    """A reward slime returns as a dict needs --reward-key: every reader of the reward (slime's own metrics, the
+    plugin's contexts and reward normalization) takes the number under that key."""
+    rm_type = (getattr(args, "rm_type", None) or "").removeprefix("boxed_")
+    if rm_type in DICT_REWARDS and not getattr(args, "custom_rm_path", None) and not getattr(args, "reward_key", None):
+        raise ConfigError(
+            f"--rm-type {args.rm_type} returns a dict (e.g. {{'score': 1.0, 'acc': True, 'pred': ...}}): add "
+            "--reward-key score"
+        )
+
+
 def check_args(args: Any, config: SelfDistillConfig) -> None:
     """Refuse slime settings under which the teacher pass would not run, or would run with the wrong teacher."""
+    check_reward_args(args)
     if not getattr(args, "compute_advantages_and_returns", True):
         raise ConfigError(
             "--disable-compute-advantages-and-returns skips all of slime's log-prob passes, the teacher pass "

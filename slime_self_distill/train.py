@@ -385,10 +385,12 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     node's memory: a warning, or an error with --self-distill-host-memory-budget-gb)."""
     from slime_self_distill.megatron_hooks import check_args, check_teacher_store
 
+    from slime_self_distill.megatron_hooks import check_reward_args
     from slime_self_distill.sd_zero_collect import check_collection_args
 
     config = SelfDistillConfig.from_args(args)
     check_collection_args(args)
+    check_reward_args(args)
     if getattr(args, "debug_rollout_only", False):  # no training actors: no teacher pass, no teacher store
         return config
     check_args(args, config)
@@ -441,6 +443,13 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
         )
     if not report.rows:
         raise SelfDistillDataError(f"--prompt-data {path} has no rows")
+    if report.without_teacher == report.rows:
+        raise SelfDistillDataError(
+            f"--prompt-data {path}: none of its {report.rows} rows has a teacher prompt in "
+            f"{values['metadata_key']}[{plan.config.teacher_prompt_key!r}], so nothing would be distilled; build the "
+            "file with slime_self_distill.prepare_dataset, or point --self-distill-teacher-prompt-key at the key that "
+            "holds it"
+        )
     excluded = f", {report.without_teacher} without a teacher prompt (excluded)" if report.without_teacher else ""
     if report.longest_teacher_prompt is not None:
         rendering = f"teacher prompts rendered and encoded: up to {report.longest_teacher_prompt} tokens"

@@ -148,6 +148,8 @@ def test_wrap_then_runs_the_hook_after_the_function():
         (dict(self_distill_teacher_context="sdpo", rollout_global_dataset=False), "drop --disable-rollout-global"),
         (dict(self_distill_rl_combination="hybrid", n_samples_per_prompt=1, advantage_estimator="grpo"),
          "every advantage is 0"),
+        (dict(rm_type="dapo"), "--rm-type dapo returns a dict .*add --reward-key score"),
+        (dict(rm_type="boxed_dapo"), "add --reward-key score"),
         (dict(self_distill_teacher_context="sdpo", prompt_data=None), "give --prompt-data"),
     ],
 )

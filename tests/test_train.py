@@ -634,6 +634,10 @@ def test_check_only_honours_slimes_row_slice_and_excluded_teachers(tmp_path, mon
     assert "2 rows OK" in capsys.readouterr().out
     assert check_only(monkeypatch, "--prompt-data", data, "--self-distill-missing-teacher", "exclude") == 0
     assert "4 rows OK, 2 without a teacher prompt (excluded)" in capsys.readouterr().out
+    # excluding every row would distill nothing
+    assert check_only(monkeypatch, "--prompt-data", prompt_file(tmp_path, rows[:1] * 3),
+                      "--self-distill-missing-teacher", "exclude") == 2
+    assert "none of its 3 rows has a teacher prompt" in capsys.readouterr().err
 
 
 def test_check_only_of_sdpo_needs_no_teacher_prompt_in_the_rows(tmp_path, monkeypatch, capsys):
