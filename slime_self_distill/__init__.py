@@ -2,7 +2,7 @@
 
 Subpackages by role: ``core`` (pure math), ``data`` (data tools), ``contexts`` (teacher contexts), ``trainer`` (what
 the Megatron hooks use). The modules slime's command line names (``data_source``, ``custom_convert``,
-``custom_loss``, ``megatron_hooks``) are the slime glue and import slime lazily; ``prepare_dataset``, ``train`` and
+``custom_loss``, ``megatron_hooks``, ``sd_zero_collect``) are the slime glue and import slime lazily; ``prepare_dataset``, ``train`` and
 ``sd_zero_data`` are the command-line tools.
 """
 
