@@ -8,8 +8,8 @@
 #
 # Every setting is an environment variable (defaults below); arguments after the script name are appended to the
 # training command and win over the defaults here (e.g. --lr 2e-6). Self-distillation settings come from
-# SELF_DISTILL_CONFIG (one of configs/*.yaml, passed as slime's --custom-config-path); give a --self-distill-* flag
-# only for a key that file does not set (the launcher refuses a flag that contradicts the file).
+# SELF_DISTILL_CONFIG (one of configs/*.yaml, passed as slime's --custom-config-path); a --self-distill-* flag given
+# here wins over that file's key (the launcher warns and sets it back after slime applies the file).
 # Arguments are validated with slime's parser before Ray is started (SKIP_PRECHECK=1 skips that).
 # Multi-node: start this on the head node with ACTOR_NUM_NODES=N, and join the other nodes with
 #   ray start --address "$MASTER_ADDR:6379" --num-gpus <gpus per node>

@@ -37,7 +37,7 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -327,13 +327,17 @@ class LaunchPlan:
     recipe: dict[str, Any]
     recipe_path: Optional[str]
     warnings: list[str]
+    # self_distill_* recipe keys a command-line flag gives another value: set on slime's args after slime's parser
+    # (which applies the recipe last), so that the flag wins as slime's own flags do over the recipe's slime_args
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_launch(argv: Sequence[str]) -> LaunchPlan:
     """Everything that needs no slime: flag, recipe and setting checks, recipe slime arguments, plugin defaults.
 
     slime applies ``--custom-config-path`` after parsing and so overrides a flag given on the command line; a
-    self-distillation setting given both ways with different values is refused rather than letting the YAML win.
+    self-distillation setting given both ways wins as the flag (``recipe_overrides``, applied to slime's parsed args
+    by ``apply_recipe_overrides``), with a warning naming both values.
     """
     check_self_distill_flags(argv)
     path = flag_value(argv, CUSTOM_CONFIG_FLAG)
@@ -343,27 +347,30 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
     check_self_distill_flags(from_recipe_args)
     from_flags = _config_namespace_from_flags([*from_recipe_args, *argv])
     from_yaml = {k: v for k, v in recipe.items() if k in SETTING_KEYS}
-    for key in sorted(from_flags.keys() & from_yaml.keys()):
-        if from_flags[key] != from_yaml[key]:
-            raise ConfigError(
-                f"{flag_name(key[len(ARG_PREFIX):])} {from_flags[key]} on the command line conflicts with "
-                f"'{key}: {from_yaml[key]}' in {CUSTOM_CONFIG_FLAG} {path} (slime applies the YAML value last); "
-                "to change a recipe's setting, copy the recipe and edit its key (give a flag only for a setting the "
-                "recipe does not set)"
-            )
-    settings = argparse.Namespace(**{**from_flags, **from_yaml})
+    overrides = {key: from_flags[key] for key in sorted(from_flags.keys() & from_yaml.keys())
+                  if from_flags[key] != from_yaml[key]}
+    settings = argparse.Namespace(**{**from_yaml, **from_flags})
     try:
         config = SelfDistillConfig.from_args(settings)
     except ConfigError as error:
         where = f" (settings from the command line and {CUSTOM_CONFIG_FLAG} {path})" if path else ""
         raise ConfigError(f"{error}{where}") from None
     warnings = config.ineffective_settings(SelfDistillConfig.explicit_settings(settings))
+    warnings += [f"{flag_name(key[len(ARG_PREFIX):])} {value} on the command line replaces '{key}: {from_yaml[key]}' "
+                 f"of {CUSTOM_CONFIG_FLAG} {path}" for key, value in overrides.items()]
     for flag in sorted(given_flags(from_recipe_args) & given_flags(argv)):
         ours, recipes = given_value(argv, flag), given_value(from_recipe_args, flag)
         if ours != recipes:  # a switch (no value) or the same value twice replaces nothing
             warnings.append(f"{flag} {ours} on the command line replaces the recipe's {flag} {recipes}")
     slime_argv, filled = fill_plugin_defaults([*from_recipe_args, *argv], config)
-    return LaunchPlan(slime_argv, filled, config, recipe, path, warnings)
+    return LaunchPlan(slime_argv, filled, config, recipe, path, warnings, overrides)
+
+
+def apply_recipe_overrides(args: Any, plan: LaunchPlan) -> None:
+    """Set the command line's values of the recipe keys it overrides on slime's parsed ``args`` (slime's parser applied
+    the recipe after the flags)."""
+    for key, value in plan.recipe_overrides.items():
+        setattr(args, key, value)
 
 
 # ---------------------------------------------------------------------- parsed-args validation
@@ -669,6 +676,7 @@ def main(argv: Optional[Sequence[str]] = None, environ: Mapping[str, str] = os.e
         try:
             root = find_slime_root(options.slime_root, environ, importable_slime_package_dir(), options.slime_entry)
             args, slime_keys = parse_slime_args(root, plan.slime_argv, options.slime_entry)  # sets slime's logging
+            apply_recipe_overrides(args, plan)
         except LaunchError as missing:
             # --check-only without a usable slime still checks the plugin; a slime checkout named by hand must work
             if not options.check_only or (explicit_root and not str(missing).startswith(PARSER_IMPORT_FAILURE)):

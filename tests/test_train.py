@@ -214,14 +214,30 @@ def test_a_knob_without_effect_is_a_warning(tmp_path):
                         "--self-distill-topk", "20"]).warnings == []
 
 
-def test_flag_contradicting_the_yaml_is_refused(tmp_path):
-    path = write_yaml(tmp_path, "self_distill_kl_scope: topk\nself_distill_topk: 64\n")
-    with pytest.raises(ConfigError) as error:
-        precheck_self_distill_settings(["--custom-config-path", path, "--self-distill-topk", "20"])
-    assert "--self-distill-topk 20 on the command line conflicts with 'self_distill_topk: 64'" in str(error.value)
-    config = precheck_self_distill_settings(["--custom-config-path", path, "--self-distill-topk", "64",
-                                             "--self-distill-chunk-size", "256"])
-    assert (config.topk, config.chunk_size) == (64, 256)  # same value both ways, and a flag the file lacks
+def test_a_flag_wins_over_the_recipe_key_on_slimes_parsed_args(tmp_path):
+    from slime_self_distill.train import apply_recipe_overrides
+
+    path = write_yaml(tmp_path, "self_distill_kl_scope: topk\nself_distill_topk: 64\nself_distill_teacher: live\n")
+    plan = plan_launch(["--custom-config-path", path, "--self-distill-topk", "20", "--self-distill-chunk-size", "256"])
+    assert (plan.config.topk, plan.config.chunk_size) == (20, 256)
+    assert plan.warnings == [f"--self-distill-topk 20 on the command line replaces 'self_distill_topk: 64' of "
+                             f"--custom-config-path {path}"]
+    assert plan.recipe_overrides == {"self_distill_topk": 20}
+    # slime's parser applies the recipe after the flags (slime/utils/arguments.py): the launcher sets the flag back
+    parsed = argparse.Namespace(self_distill_kl_scope="topk", self_distill_topk=64, self_distill_teacher="live",
+                                self_distill_chunk_size=256)
+    apply_recipe_overrides(parsed, plan)
+    assert SelfDistillConfig.from_args(parsed) == plan.config
+    same = plan_launch(["--custom-config-path", path, "--self-distill-topk", "64"])
+    assert same.recipe_overrides == {} and same.warnings == []  # the same value both ways replaces nothing
+
+
+def test_a_recipe_made_valid_by_a_flag_is_accepted():
+    """sdft_topk.yaml skips 3 tokens, which a policy-loss combination refuses; a flag setting 0 makes it valid."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "sdft_topk.yaml"
+    plan = plan_launch(["--custom-config-path", str(recipe), "--ref-load", "/c",
+                        "--self-distill-rl-combination", "additive", "--self-distill-num-loss-tokens-to-skip", "0"])
+    assert (plan.config.rl_combination, plan.config.num_loss_tokens_to_skip) == ("additive", 0)
 
 
 # ---------------------------------------------------------------------- locating slime
