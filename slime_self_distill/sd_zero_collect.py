@@ -130,7 +130,7 @@ def _plugin_metadata(sample: Any) -> dict:
     return plugin
 
 
-def raw_student_prompt(sample: Any) -> Any:
+def tuple_prompt(sample: Any) -> Any:
     """The prompt written into a tuple: the raw prompt the plugin's data source recorded (chat messages or text),
     else slime's ``sample.prompt``."""
     plugin = sample.metadata.get(PLUGIN_METADATA_KEY) if isinstance(sample.metadata, dict) else None
@@ -254,7 +254,7 @@ async def generate_with_revision(args: Any, sample: Any, sampling_params: dict, 
     revisions = await asyncio.gather(*(sglang_rollout.generate(args, revision, copy.deepcopy(revision_params))
                                        for revision in revisions))
     counts["revised"] = True
-    student_prompt = raw_student_prompt(sample)
+    student_prompt = tuple_prompt(sample)
     for number, revision in enumerate(revisions):
         if revision.status in (Sample.Status.ABORTED, Sample.Status.FAILED):
             counts["revisions_aborted"] += 1

@@ -17,6 +17,7 @@ from slime_self_distill.contexts.sdpo import (
     Attempt,
     SdpoRules,
     group_reprompts,
+    is_success,
     reprompt_target_problem,
     rollout_metrics,
 )
@@ -131,9 +132,11 @@ def sdpo_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig,
     choices: list = [None] * len(samples)
     groups_attempts, groups_reprompts = [], []
     for positions in group_positions(samples):
-        attempts = [Attempt(decode(response_ids_of(samples[p])), float(reward_of(args, samples[p])),
+        rewards = [float(reward_of(args, samples[p])) for p in positions]
+        # only a successful response can be a solution: the others are never decoded
+        attempts = [Attempt(decode(response_ids_of(samples[p])) if is_success(reward, rules) else "", reward,
                             feedback_of(samples[p]))
-                    for p in positions]
+                    for p, reward in zip(positions, rewards, strict=True)]
         reprompts = group_reprompts(attempts, rules)
         groups_attempts.append(attempts)
         groups_reprompts.append(reprompts)
