@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.custom_convert import GROUP_CENTERED_ESTIMATORS
+from slime_self_distill.contexts.groups import rule_based_reward_type
 from slime_self_distill.core import host_memory
 from slime_self_distill.core.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
+from slime_self_distill.custom_convert import GROUP_CENTERED_ESTIMATORS
 from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
 from slime_self_distill.trainer import slime_compat
 from slime_self_distill.trainer.teacher_outputs import (
@@ -88,8 +89,7 @@ DICT_REWARDS = ("dapo",)
 def check_reward_args(args: Any) -> None:
     """A reward slime returns as a dict needs --reward-key: every reader of the reward (slime's own metrics, the
     plugin's contexts and reward normalization) takes the number under that key."""
-    rm_type = (getattr(args, "rm_type", None) or "").removeprefix("boxed_")
-    if rm_type in DICT_REWARDS and not getattr(args, "custom_rm_path", None) and not getattr(args, "reward_key", None):
+    if rule_based_reward_type(args) in DICT_REWARDS and not getattr(args, "custom_rm_path", None) and not getattr(args, "reward_key", None):
         raise ConfigError(
             f"--rm-type {args.rm_type} returns a dict (e.g. {{'score': 1.0, 'acc': True, 'pred': ...}}): add "
             "--reward-key score"

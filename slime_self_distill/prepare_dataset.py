@@ -63,7 +63,7 @@ from slime_self_distill.data.cli import (
     RowError,
     UsageError,
     counts,
-    jsonl_writer,
+    json_lines_writer,
     print_bad_rows,
     rejected_writer,
     run_cli,
@@ -534,7 +534,7 @@ def check_columns(path: str, columns: Columns, named: list, seen: set, good: lis
 def rows_writer(path: str, rows: list) -> Callable[[Any], None]:
     """The writer of ``rows`` in the format of ``path`` (.parquet, else JSON lines)."""
     if not path.lower().endswith(".parquet"):
-        return jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
+        return json_lines_writer(rows)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Iterable
 
 from slime_self_distill.config import config_of, flag_name
-from slime_self_distill.contexts.groups import reward_of
+from slime_self_distill.contexts.groups import reward_of, rule_based_reward_type
 from slime_self_distill.contexts.self_revision import revision_continuation, strip_stop_suffix
 from slime_self_distill.data.cli import RowError
 from slime_self_distill.data.files import RowFileError, jsonl_rows, write_atomically
@@ -139,18 +139,12 @@ def tuple_prompt(sample: Any) -> Any:
     return sample.prompt
 
 
-def _rm_type(args: Any, sample: Any) -> str:
-    metadata = sample.metadata if isinstance(sample.metadata, dict) else {}
-    rm_type = (metadata.get("rm_type") or getattr(args, "rm_type", None) or "").strip()
-    return rm_type[len("boxed_"):] if rm_type.startswith("boxed_") else rm_type
-
-
 def check_label(args: Any, sample: Any) -> None:
     """A rule-based reward of slime that compares with the label, and no label: every attempt would be graded
     wrong without an error (a custom reward function is not checked: it may not need one)."""
     if sample.custom_rm_path or getattr(args, "custom_rm_path", None):
         return
-    rm_type = _rm_type(args, sample)
+    rm_type = rule_based_reward_type(args, sample)
     if rm_type in LABELLED_RM_TYPES and (sample.label is None or (isinstance(sample.label, str)
                                                                   and not sample.label.strip())):
         raise SdZeroCollectError(

@@ -390,9 +390,7 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     """The training actors' own start-up checks, run once on the driver before any actor exists (the host-memory
     check of the actors needs their parameters; here, only the teacher store, a lower bound, against the launcher
     node's memory: a warning, or an error with --self-distill-host-memory-budget-gb)."""
-    from slime_self_distill.megatron_hooks import check_args, check_teacher_store
-
-    from slime_self_distill.megatron_hooks import check_reward_args
+    from slime_self_distill.megatron_hooks import check_args, check_reward_args, check_teacher_store
     from slime_self_distill.sd_zero_collect import check_collection_args
 
     config = SelfDistillConfig.from_args(args)

@@ -89,6 +89,15 @@ def reward_of(args: Any, sample: Any):
     return reward
 
 
+def rule_based_reward_type(args: Any, sample: Any = None) -> str:
+    """The rule-based reward slime's ``async_rm`` picks: the sample's ``metadata["rm_type"]`` over ``--rm-type``,
+    without its ``boxed_`` prefix ("" when none)."""
+    metadata = getattr(sample, "metadata", None)
+    rm_type = ((metadata.get("rm_type") if isinstance(metadata, dict) else None) or getattr(args, "rm_type", None)
+               or "").strip()
+    return rm_type.removeprefix("boxed_")
+
+
 def feedback_of(sample: Any) -> Optional[str]:
     """The reward function's feedback: ``reward["feedback"]`` (a reward dict) or ``sample.metadata["feedback"]``.
     Absent or None is no feedback; any other non-string is an error (it would be silently ignored)."""

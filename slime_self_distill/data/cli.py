@@ -138,6 +138,11 @@ def jsonl_writer(lines: Iterable[str]) -> Callable[[Any], None]:
 
 
 
+def json_lines_writer(rows: Iterable[Any]) -> Callable[[Any], None]:
+    """The writer of ``rows`` as JSON lines (UTF-8, non-ASCII kept)."""
+    return jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
+
+
 def rejected_writer(bad_rows: list) -> Callable[[Any], None]:
     def entry(bad: BadRow) -> dict:
         data = bad.data.text if isinstance(bad.data, UnparseableLine) else bad.data

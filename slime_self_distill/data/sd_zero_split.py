@@ -64,7 +64,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from slime_self_distill.data.cli import (
     EXIT_BAD_DATA,
@@ -74,7 +74,7 @@ from slime_self_distill.data.cli import (
     RowError,
     UsageError,
     counts,
-    jsonl_writer,
+    json_lines_writer,
     print_bad_rows,
     rejected_writer,
     run_cli,
@@ -512,10 +512,6 @@ def _check_args(args: argparse.Namespace) -> tuple[Optional[str], dict]:
     return system_prompt, outputs
 
 
-def rows_writer(rows: list) -> Callable[[Any], None]:
-    return jsonl_writer(json.dumps(row, ensure_ascii=False) for row in rows)
-
-
 def _preview(title: str, row: dict) -> str:
     text = json.dumps(row[OUTPUT_MESSAGES_KEY], ensure_ascii=False, indent=1)
     if len(text) > PREVIEW_CHARS:
@@ -581,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
 
     stage1 = [{OUTPUT_MESSAGES_KEY: stage1_messages(t, system_prompt)} for t in split.stage1]
     stage2 = [{OUTPUT_MESSAGES_KEY: stage2_messages(t, system_prompt)} for t in split.stage2]
-    writers = {outputs[STAGE1_FILE]: rows_writer(stage1), outputs[STAGE2_FILE]: rows_writer(stage2)}
+    writers = {outputs[STAGE1_FILE]: json_lines_writer(stage1), outputs[STAGE2_FILE]: json_lines_writer(stage2)}
     if args.skip_invalid:
         writers[outputs[REJECTED_FILE]] = rejected_writer(bad)
     with PendingOutputs({path: "--output-dir" for path in writers}) as pending:
