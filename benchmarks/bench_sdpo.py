@@ -136,24 +136,27 @@ def trainer_side(args) -> None:
         prompt = 16
         tokens = [torch.randint(0, args.vocab, (prompt + response,), generator=g) for _ in range(n)]
         logits = torch.randn(1, n * (prompt + response), args.vocab, generator=g)
-        teacher = [torch.log_softmax(torch.randn(response, args.vocab, generator=g), -1) for _ in range(n)]
+        hidden_size = 64
+        output_weight = torch.randn(args.vocab, hidden_size, generator=g) / hidden_size**0.5
+        hidden = [torch.randn(response, hidden_size, generator=g) for _ in range(n)]
         batch = {
             "unconcat_tokens": tokens, "total_lengths": [prompt + response] * n, "response_lengths": [response] * n,
             "loss_masks": [torch.ones(response, dtype=torch.int)] * n,
             "rollout_mask_sums": [torch.tensor(float(response))] * n,
             "advantages": [torch.full((response,), float(i % 2) - 0.5) for i in range(n)],
             "log_probs": [torch.full((response,), -3.0)] * n,
-            "teacher_log_probs": [t[:, 0] for t in teacher], "teacher_full_log_probs": teacher,
+            "teacher_log_probs": [torch.full((response,), -2.0)] * n, "teacher_hidden_states": hidden,
+            "self_distill_teacher_output_weight": output_weight,
             "self_distill_loss_weights": [1.0] * n,
         }
         common = dict(calculate_per_token_loss=False, recompute_loss_function=False, allgather_cp=False,
                       rollout_temperature=1.0, log_probs_chunk_size=-1, rollout_top_p=1.0, advantage_estimator="grpo",
                       use_rollout_logprobs=False, eps_clip=0.2, eps_clip_high=0.28, eps_clip_c=None, use_opsm=False,
                       get_mismatch_metrics=False, use_tis=False, custom_pg_loss_reducer_function_path=None,
-                      entropy_coef=0.0, use_kl_loss=False)
+                      entropy_coef=0.0, use_kl_loss=False, hidden_size=hidden_size)
 
         def step_of(loss_type, combination):
-            config = SelfDistillConfig(kl_scope="full_vocab", full_vocab_storage_dtype="float32", teacher="live",
+            config = SelfDistillConfig(kl_scope="full_vocab", teacher="live",
                                        rl_combination=combination, weight=0.5 if combination == "hybrid" else 1.0)
             step_args = Namespace(loss_type=loss_type,
                                   custom_loss_function_path="slime_self_distill.custom_loss.self_distill_loss",

@@ -7,9 +7,13 @@ layer) on one node of 8 GPUs, TP 2 (so DP 4), Megatron's layout (fused QKV and g
 to a multiple of 128 x TP), bf16 weights, distributed optimizer, colocated with SGLang (--offload-train, the
 default with --colocate), a rollout of 32 prompts x 8 samples with responses up to 8192 tokens.
 
-"before": what the plugin's start-up check counted until now (the full_vocab teacher store alone);
-"after": ``host_memory.rank_host_memory`` summed over the node's 8 ranks (weight backups with pinned-allocator
-rounding, the EMA shadow, the memory saver's optimizer backup or the teacher store, whichever is larger).
+"teacher store, log-probs": what the teacher store held before the hidden-state store (V/TP fp16 log-probabilities per
+response token for full_vocab, K fp32 values + K int64 ids for the top-K; the student's top-K was not possible);
+"teacher store, now": what it holds (``host_memory.teacher_store_bytes``: the final hidden state, H bf16 values, or
+K fp32 values + K int32 ids for the teacher's own top-K when that is smaller);
+then ``host_memory.rank_host_memory`` summed over the node's 8 ranks, by phase, and the node's peak (weight backups
+with pinned-allocator rounding, the EMA shadow, the memory saver's optimizer backup or the teacher store, whichever
+is larger).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def megatron_shard(tp: int, layers: int, hidden: int, ffn: int, heads: int, kv_h
 
 def example_args() -> Namespace:
     return Namespace(rollout_batch_size=32, n_samples_per_prompt=8, rollout_max_response_len=8192,
-                     padded_vocab_size=-(-QWEN3_8B["vocab"] // (128 * TP)) * 128 * TP, kl_coef=0.0,
+                     padded_vocab_size=-(-QWEN3_8B["vocab"] // (128 * TP)) * 128 * TP, hidden_size=QWEN3_8B["hidden"],
+                     bf16=True, kl_coef=0.0,
                      use_kl_loss=False, use_opd=False, opd_type=None, keep_old_actor=False,
                      use_distributed_optimizer=True, optimizer_cpu_offload=False, offload_train=True)
 
@@ -75,31 +80,51 @@ CASES = (
     ("sdft_topk.yaml (top-64, EMA teacher)", SelfDistillConfig(kl_scope="topk", topk=64, teacher="ema"), {}),
     ("opsd.yaml (full_vocab, frozen teacher)", SelfDistillConfig(kl_scope="full_vocab"),
      dict(use_opd=True, opd_type="megatron")),
+    ("sdpo.yaml (student's top-100, EMA teacher)",
+     SelfDistillConfig(kl_scope="topk", topk=100, topk_support="student", teacher="ema"), {}),
+    ("sd_zero.yaml (teacher's top-64, frozen teacher)", SelfDistillConfig(kl_scope="topk", topk=64),
+     dict(use_opd=True, opd_type="megatron")),
     ("sampled_token_reverse_kl.yaml (EMA teacher)", SelfDistillConfig(kl_scope="sampled_token", teacher="ema"), {}),
 )
 
 
-def rows() -> list[tuple[str, Optional[float], float, float, float, float]]:
-    """(recipe, before (None: not checked), held throughout, while asleep, while training, after) in GiB per node."""
+def log_prob_store_bytes(args: Namespace, config: SelfDistillConfig, parallel: Parallel) -> Optional[int]:
+    """The store before the hidden-state store, per rank: fp16 V/TP log-probabilities per response token (full_vocab),
+    K fp32 values + K int64 ids (the teacher's top-K), nothing (sampled_token); None where it could not be kept (the
+    student's top-K)."""
+    rows = (-(-args.rollout_batch_size * args.n_samples_per_prompt // parallel.dp)
+            * -(-args.rollout_max_response_len // parallel.cp))
+    if config.kl_scope == "full_vocab":
+        return rows * args.padded_vocab_size // parallel.tp * 2
+    if config.kl_scope == "topk":
+        return rows * config.topk * 12 if config.topk_support == "teacher" else None
+    return 0
+
+
+def rows() -> list[tuple[str, Optional[float], float, float, float, float, float]]:
+    """(recipe, log-prob store (None: impossible), store now, held throughout, while asleep, while training, peak) in
+    GiB per node."""
     table = []
+    parallel = Parallel(tp=TP, dp=GPUS_PER_NODE // TP)
     for name, config, overrides in CASES:
         args = example_args()
         for key, value in overrides.items():
             setattr(args, key, value)
         estimate = node(config, args)
-        store = teacher_store_bytes(args, config, Parallel(tp=TP, dp=GPUS_PER_NODE // TP)) * GPUS_PER_NODE
-        before = store / GIB if config.kl_scope == "full_vocab" else None  # the old check covered full_vocab only
-        table.append((name, before, estimate.phase_bytes(ALWAYS) / GIB, estimate.phase_bytes(WHILE_ASLEEP) / GIB,
+        before = log_prob_store_bytes(args, config, parallel)
+        table.append((name, None if before is None else before * GPUS_PER_NODE / GIB,
+                      teacher_store_bytes(args, config, parallel) * GPUS_PER_NODE / GIB,
+                      estimate.phase_bytes(ALWAYS) / GIB, estimate.phase_bytes(WHILE_ASLEEP) / GIB,
                       estimate.phase_bytes(WHILE_TRAINING) / GIB, estimate.peak_bytes / GIB))
     return table
 
 
 def markdown() -> str:
-    lines = ["| recipe | before (checked) | held throughout | while asleep | teacher pass to end of training | "
-             "after: peak |", "|---|---|---|---|---|---|"]
-    for name, before, always, asleep, training, peak in rows():
-        checked = "not checked" if before is None else f"{before:.1f} GiB"
-        lines.append(f"| {name} | {checked} | {always:.1f} GiB | {asleep:.1f} GiB | {training:.1f} GiB | "
+    lines = ["| recipe | teacher store, log-probs | teacher store, now | held throughout | while asleep | "
+             "teacher pass to end of training | peak |", "|---|---|---|---|---|---|---|"]
+    for name, before, store, always, asleep, training, peak in rows():
+        old = "impossible" if before is None else f"{before:.1f} GiB"
+        lines.append(f"| {name} | {old} | {store:.1f} GiB | {always:.1f} GiB | {asleep:.1f} GiB | {training:.1f} GiB | "
                      f"{peak:.1f} GiB |")
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ ARG_PREFIX = "self_distill_"
 KL_SCOPES = ("full_vocab", "topk", "sampled_token")
 DIVERGENCES = ("forward_kl", "reverse_kl", "alpha_js", "mixed_kl")
 TOPK_TAILS = ("bucket", "renormalize")
+TOPK_SUPPORTS = ("teacher", "student", "union")
 IMPORTANCE_CORRECTIONS = ("off", "token", "sequence")
 TEACHER_KINDS = ("frozen", "live", "ema")
 EMA_UPDATE_INTERVALS = ("step", "rollout")
@@ -65,9 +66,10 @@ class SelfDistillConfig:
     kl_scope: str = field(
         default="full_vocab",
         metadata=_knob(
-            "Where the divergence is computed: 'full_vocab' (exact, needs the teacher's whole distribution), "
-            "'topk' (teacher top-K support plus one tail bucket), 'sampled_token' (score-function surrogate "
-            "on the student's sampled token only).",
+            "Where the divergence is computed: 'full_vocab' (exact, over the whole vocabulary; the teacher pass keeps "
+            "the teacher's final hidden states and the loss recomputes its logits), 'topk' (K tokens per position, "
+            "--self-distill-topk-support, plus one tail bucket or renormalized), 'sampled_token' (score-function "
+            "surrogate on the student's sampled token only).",
             KL_SCOPES,
         ),
     )
@@ -87,7 +89,17 @@ class SelfDistillConfig:
     )
     topk: int = field(
         default=64,
-        metadata=_knob("K of the 'topk' scope: how many teacher tokens are kept per position (>= 1)."),
+        metadata=_knob("K of the 'topk' scope: how many tokens per position its support holds (>= 1)."),
+    )
+    topk_support: str = field(
+        default="teacher",
+        metadata=_knob(
+            "Which K tokens per position the 'topk' scope compares: 'teacher' (the teacher's K most likely; "
+            "SD-Zero's), 'student' (the current student's K most likely, the teacher's log-probabilities at the same "
+            "ids; SDPO's and TRL's) or 'union' (both sets, up to 2K tokens). All exact: the teacher's values come "
+            "from its full log-softmax, the student's gradient flows through its full log-sum-exp.",
+            TOPK_SUPPORTS,
+        ),
     )
     topk_tail: str = field(
         default="bucket",
@@ -180,14 +192,6 @@ class SelfDistillConfig:
         metadata=_knob(
             "Rows (completion tokens) per chunk of the full-vocabulary and top-K computations; peak extra memory "
             "is a small multiple of chunk_size x vocabulary shard (>= 1)."
-        ),
-    )
-    full_vocab_storage_dtype: str = field(
-        default="float16",
-        metadata=_knob(
-            "dtype in which the teacher's full-vocabulary log-probabilities are kept in host memory between the "
-            "teacher pass and the training step.",
-            FULL_VOCAB_STORAGE_DTYPES,
         ),
     )
     host_memory_budget_gb: Optional[float] = field(
@@ -330,7 +334,12 @@ class SelfDistillConfig:
         A ``self_distill_*`` attribute that is not a knob (a misspelt YAML key) is an error, because slime would
         otherwise carry it silently.
         """
-        unknown = sorted(k for k in vars(args) if looks_like_a_setting(k) and k not in SETTING_KEYS)
+        retired = sorted(k for k in vars(args) if k in RETIRED_SETTINGS and getattr(args, k) is not None)
+        if retired:
+            raise ConfigError("; ".join(f"{k} ({flag_name(k.removeprefix(ARG_PREFIX))}) {RETIRED_SETTINGS[k]}"
+                                        for k in retired))
+        unknown = sorted(k for k in vars(args) if looks_like_a_setting(k) and k not in SETTING_KEYS
+                         and k not in RETIRED_SETTINGS)
         if unknown:
             hints = "; ".join(f"{key!r}: did you mean {closest_setting(key)!r}?" for key in unknown)
             raise ConfigError(
@@ -373,8 +382,7 @@ class SelfDistillConfig:
             "ema_update_interval": None if self.teacher == "ema" else f"{flag_name('teacher')} is {self.teacher}",
             "importance_cap": None if self.importance_correction != "off"
             else f"{flag_name('importance_correction')} is off",
-            "full_vocab_storage_dtype": None if self.kl_scope == "full_vocab"
-            else f"{flag_name('kl_scope')} is {self.kl_scope}",
+            "topk_support": None if self.kl_scope == "topk" else f"{flag_name('kl_scope')} is {self.kl_scope}",
             "chunk_size": None if self.kl_scope != "sampled_token" else f"{flag_name('kl_scope')} is sampled_token",
             "teacher_overflow": None if self.max_teacher_prompt_len is not None
             else f"{flag_name('max_teacher_prompt_len')} is unset",
@@ -446,6 +454,13 @@ def config_of(args: Any) -> "SelfDistillConfig":
 
 
 SETTING_KEYS = frozenset(ARG_PREFIX + f.name for f in dataclasses.fields(SelfDistillConfig))
+# Settings that existed once: giving one is an error that says what replaced it (not an "unknown setting").
+RETIRED_SETTINGS = {
+    ARG_PREFIX + "full_vocab_storage_dtype": (
+        "is gone: the full_vocab scope no longer stores the teacher's log-probabilities; it keeps the teacher's "
+        "final hidden states (in the model's dtype) and recomputes the exact logits in the loss; remove the setting"
+    ),
+}
 
 
 def looks_like_a_setting(key: str) -> bool:
@@ -488,6 +503,8 @@ def add_self_distill_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
             default=None,
             help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),  # argparse %-formats help
         )
+    for key in RETIRED_SETTINGS:  # accepted, so that from_args can say what replaced them
+        group.add_argument(flag_name(key.removeprefix(ARG_PREFIX)), dest=key, default=None, help=argparse.SUPPRESS)
     return parser
 
 

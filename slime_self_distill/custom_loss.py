@@ -15,17 +15,19 @@ The computation itself (``per_token_distillation``) needs no slime: the glue onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, config_of, flag_name
 from slime_self_distill.core.divergences import (
+    TeacherLogProbs,
     TokenDivergence,
     full_vocab_divergence,
     sampled_token_divergence,
     topk_divergence,
 )
+from slime_self_distill.core.teacher_logits import TeacherHiddenStates, teacher_support
 from slime_self_distill.core.token_filters import (
     entropy_quantile_threshold,
     keep_top_entropy,
@@ -33,11 +35,13 @@ from slime_self_distill.core.token_filters import (
 )
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
-    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_HIDDEN_STATES_KEY,
+    TEACHER_OUTPUT_WEIGHT_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
 )
+from slime_self_distill.trainer.teacher_outputs import TeacherOutputSpec
 
 
 @dataclass
@@ -49,9 +53,12 @@ class SampleRows:
     valid: torch.Tensor  # [R] bool: slime's loss mask
     weight: float  # sample weight; 0 leaves the sample out (no teacher)
     teacher_token_log_probs: torch.Tensor  # [R]
+    # the teacher's own top-K, as the teacher pass stored it (the 'topk' scope, teacher support)
     teacher_topk_log_probs: Optional[torch.Tensor] = None  # [R, K]
     teacher_topk_indices: Optional[torch.Tensor] = None  # [R, K]
-    teacher_full_log_probs: Optional[torch.Tensor] = None  # [R, V/TP]
+    # the teacher's whole distribution [R, V/TP] ('full_vocab', and 'topk' from hidden states): recomputed from its
+    # hidden states chunk by chunk, or given as log-probabilities
+    teacher_distribution: Union[TeacherHiddenStates, TeacherLogProbs, None] = None
     rollout_log_probs: Optional[torch.Tensor] = None  # [R]
 
 
@@ -66,13 +73,16 @@ class PerTokenLoss:
 def _divergence_for(sample: SampleRows, config: SelfDistillConfig, tp_group) -> TokenDivergence:
     common = dict(divergence=config.divergence, alpha=config.alpha, tp_group=tp_group, chunk_size=config.chunk_size)
     if config.kl_scope == "full_vocab":
-        return full_vocab_divergence(sample.logits, sample.tokens, sample.teacher_full_log_probs,
+        return full_vocab_divergence(sample.logits, sample.tokens, sample.teacher_distribution,
                                      term_clip=config.vocab_term_clip, **common)
     if config.kl_scope == "topk":
-        return topk_divergence(
-            sample.logits, sample.tokens, sample.teacher_topk_log_probs, sample.teacher_topk_indices,
-            tail=config.topk_tail, **common
-        )
+        if sample.teacher_distribution is None:  # the stored teacher top-K: the teacher's support
+            return topk_divergence(sample.logits, sample.tokens, sample.teacher_topk_log_probs,
+                                   sample.teacher_topk_indices, tail=config.topk_tail, **common)
+        support = teacher_support(sample.logits.detach(), sample.teacher_distribution, config.topk_support,
+                                  config.topk, tp_group, config.chunk_size)
+        return topk_divergence(sample.logits, sample.tokens, support.teacher_log_probs, support.ids,
+                               present=support.present, tail=config.topk_tail, **common)
     return sampled_token_divergence(
         sample.logits, sample.tokens, sample.teacher_token_log_probs, ratio_cap=config.sampled_ratio_cap, **common
     )
@@ -167,20 +177,32 @@ def reduce_per_token_loss(
 
 
 # ---------------------------------------------------------------------- slime glue
-def _required_teacher_keys(config: SelfDistillConfig) -> list[str]:
-    keys = [TEACHER_TOKEN_LOG_PROBS_KEY]
-    if config.kl_scope == "topk":
-        keys += [TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY]
-    elif config.kl_scope == "full_vocab":
-        keys.append(TEACHER_FULL_LOG_PROBS_KEY)
-    return keys
+def _teacher_output_weight(batch: dict, vocab_local: int) -> torch.Tensor:
+    weight = batch.get(TEACHER_OUTPUT_WEIGHT_KEY)
+    if weight is None:
+        raise KeyError(
+            f"self-distillation loss: batch key {TEACHER_OUTPUT_WEIGHT_KEY!r} (the teacher's output-layer shard) is "
+            "missing; the teacher pass installed by --custom-megatron-init-path slime_self_distill.megatron_hooks."
+            "install keeps it with the hidden-state teacher store"
+        )
+    if weight.dim() != 2 or weight.shape[0] != vocab_local:
+        raise ValueError(
+            f"self-distillation loss: the teacher's output-layer shard has shape {tuple(weight.shape)}, expected "
+            f"[{vocab_local}, H] (this rank's vocabulary shard of the student's logits)"
+        )
+    return weight
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(str(size) for size in shape) + ")"
 
 
 def _checked_teacher_input(batch: dict, key: str, index: int, expected: tuple, device) -> torch.Tensor:
+    """Sample ``index`` of batch key ``key``, checked against ``expected``: sizes, or names (any size) as "K"."""
     if key not in batch or batch[key] is None:
         raise KeyError(
             f"self-distillation loss: batch key {key!r} is missing (needed for every sample, expected shape "
-            f"{expected} for sample {index}); the teacher pass installed by --custom-megatron-init-path "
+            f"{_shape_text(expected)} for sample {index}); the teacher pass installed by --custom-megatron-init-path "
             "slime_self_distill.megatron_hooks.install produces it"
         )
     values = batch[key]
@@ -190,10 +212,10 @@ def _checked_teacher_input(batch: dict, key: str, index: int, expected: tuple, d
         )
     value = values[index]
     shape = tuple(value.shape)
-    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+    if len(shape) != len(expected) or any(isinstance(e, int) and e != s for e, s in zip(expected, shape)):
         raise ValueError(
             f"self-distillation loss: batch key {key!r} of sample {index} has shape {shape}, expected "
-            f"{tuple('K' if e is None else e for e in expected)} (the student's response rows on this rank)"
+            f"{_shape_text(expected)} (the student's response rows on this rank)"
         )
     return value.to(device, non_blocking=True)
 
@@ -213,11 +235,12 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     from slime.backends.megatron_utils.loss import get_responses
 
     config = config_of(args)
+    spec = TeacherOutputSpec.from_args(args, config)
     tp_group, dp_group, cp_group = _parallel_groups()
     total_lengths, response_lengths = batch["total_lengths"], batch["response_lengths"]
     weights = batch.get(LOSS_WEIGHTS_KEY)
     rollout_log_probs = batch.get("rollout_log_probs")
-    keys = _required_teacher_keys(config)
+    keys = spec.output_keys
 
     samples = []
     responses = get_responses(
@@ -231,11 +254,15 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
         r, v = rows.shape
         expected = {
             TEACHER_TOKEN_LOG_PROBS_KEY: (r,),
-            TEACHER_TOPK_LOG_PROBS_KEY: (r, None),
-            TEACHER_TOPK_INDICES_KEY: (r, None),
-            TEACHER_FULL_LOG_PROBS_KEY: (r, v),
+            TEACHER_TOPK_LOG_PROBS_KEY: (r, "K"),
+            TEACHER_TOPK_INDICES_KEY: (r, "K"),
+            TEACHER_HIDDEN_STATES_KEY: (r, "H"),
         }
         teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
+        distribution = None
+        if TEACHER_HIDDEN_STATES_KEY in teacher:
+            distribution = TeacherHiddenStates(teacher[TEACHER_HIDDEN_STATES_KEY], _teacher_output_weight(batch, v),
+                                               spec.temperature)
         response_length = response_lengths[i]
         # the converter's weight: the mean over the samples (or, per token, the tokens) that have a teacher
         weight = 1.0 if weights is None else float(weights[i])
@@ -250,7 +277,7 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
                 teacher_token_log_probs=teacher[TEACHER_TOKEN_LOG_PROBS_KEY],
                 teacher_topk_log_probs=teacher.get(TEACHER_TOPK_LOG_PROBS_KEY),
                 teacher_topk_indices=teacher.get(TEACHER_TOPK_INDICES_KEY),
-                teacher_full_log_probs=teacher.get(TEACHER_FULL_LOG_PROBS_KEY),
+                teacher_distribution=distribution,
                 rollout_log_probs=None if rollout_log_probs is None else rollout_log_probs[i].to(rows.device),
             )
         )

@@ -28,6 +28,7 @@ few module globals that slime looks up at call time, so that, inside every train
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -43,8 +44,15 @@ from slime_self_distill.contexts.groups import rule_based_reward_type
 from slime_self_distill.core import host_memory
 from slime_self_distill.core.micro_batches import TeacherSchedule, pad_to_counts, split_by_tokens
 from slime_self_distill.custom_convert import GROUP_CENTERED_ESTIMATORS
-from slime_self_distill.teacher_view import LOSS_WEIGHTS_KEY, PAYLOAD_KEY, TEACHER_TOKEN_LOG_PROBS_KEY, TeacherView
+from slime_self_distill.teacher_view import (
+    LOSS_WEIGHTS_KEY,
+    PAYLOAD_KEY,
+    TEACHER_OUTPUT_WEIGHT_KEY,
+    TEACHER_TOKEN_LOG_PROBS_KEY,
+    TeacherView,
+)
 from slime_self_distill.trainer import slime_compat
+from slime_self_distill.trainer.output_layer import OutputLayerCapture
 from slime_self_distill.trainer.teacher_outputs import (
     HOST_KEYS,
     TeacherOutputSpec,
@@ -64,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 TEACHER_STORE_PREFIX = "teacher_"
 # rollout_data keys that only the plugin reads: kept away from slime's metrics and debug dump.
-PLUGIN_ONLY_KEYS = (PAYLOAD_KEY, *HOST_KEYS)
+PLUGIN_ONLY_KEYS = (PAYLOAD_KEY, *HOST_KEYS, TEACHER_OUTPUT_WEIGHT_KEY)
 
 _ACTOR = "slime.backends.megatron_utils.actor"
 _MODEL = "slime.backends.megatron_utils.model"
@@ -114,11 +122,6 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
         raise ConfigError(
             f"{flag_name('kl_scope')} {config.kl_scope} keeps teacher outputs of every response token in host memory "
             "and needs --rollout-max-response-len to bound them; set it (or use the sampled_token scope)"
-        )
-    if config.kl_scope == "full_vocab" and not (getattr(args, "padded_vocab_size", None) or
-                                                getattr(args, "vocab_size", None)):
-        raise ConfigError(
-            f"{flag_name('kl_scope')} full_vocab needs the vocabulary size to size the teacher store; set --vocab-size"
         )
     if config.teacher == "frozen" and not slime_loads_teacher_checkpoint(args):
         raise ConfigError(
@@ -200,6 +203,11 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
             "context-parallel layout of slime's default CP; drop --allgather-cp"
         )
+    if config.kl_scope != "sampled_token" and not getattr(args, "hidden_size", None):
+        raise ConfigError(
+            "the teacher store is chosen and sized by the model's hidden size, which slime's args do not have: set "
+            "--hidden-size (slime's model scripts, e.g. scripts/models/qwen3-8B.sh, do)"
+        )
     if getattr(args, "use_opd", False):
         if getattr(args, "opd_type", None) != "megatron":
             raise ConfigError(
@@ -230,7 +238,8 @@ def check_teacher_store(args: Any, config: SelfDistillConfig, dp_size: int) -> N
     if not store:
         return
     store_rank = host_memory.RankHostMemory(
-        (host_memory.Item(f"{config.kl_scope} teacher store", store, host_memory.WHILE_TRAINING),)
+        (host_memory.Item(f"{host_memory.store_description(args, config)} ({config.kl_scope})", store,
+                          host_memory.WHILE_TRAINING),)
     )
     ranks_per_node = min(args.actor_num_gpus_per_node, dp_size * parallel.tp * parallel.cp)
     node = host_memory.NodeHostMemory(
@@ -317,16 +326,21 @@ def run_teacher_pass(
     student_total_lengths = rollout_data["total_lengths"]
     tp_group = _group_or_none(mpu.get_tensor_model_parallel_group, mpu.get_tensor_model_parallel_world_size)
     cp_group = _group_or_none(mpu.get_context_parallel_group, mpu.get_context_parallel_world_size)
+    capture = OutputLayerCapture(model, tp_group) if spec.signal == "hidden" else None
 
     def teacher_outputs(logits, *, args, unconcat_tokens, total_lengths, response_lengths, with_entropy=False):
         # with_entropy is slime's switch for the student's entropy metric; the teacher's entropy is not needed.
         outputs = {key.removeprefix(TEACHER_STORE_PREFIX): [] for key in spec.output_keys}
-        responses = get_responses(
-            logits, args=args, unconcat_tokens=unconcat_tokens, total_lengths=total_lengths,
-            response_lengths=response_lengths, apply_temperature=False,  # compute_teacher_outputs divides per chunk
-        )
-        for (rows, tokens), sequence, total_length, response_length in zip(
-            responses, unconcat_tokens, total_lengths, response_lengths, strict=True
+        lengths = dict(args=args, unconcat_tokens=unconcat_tokens, total_lengths=total_lengths,
+                       response_lengths=response_lengths, apply_temperature=False)  # divided per chunk instead
+        responses = get_responses(logits, **lengths)
+        hidden_rows = [None] * len(unconcat_tokens)
+        if capture is not None:
+            hidden = capture.take(logits.size(1))
+            # slime's own slicing (it wants float32; the rows go back to the model's dtype exactly)
+            hidden_rows = [rows.to(hidden.dtype) for rows, _ in get_responses(hidden.float(), **lengths)]
+        for (rows, tokens), hidden_states, sequence, total_length, response_length in zip(
+            responses, hidden_rows, unconcat_tokens, total_lengths, response_lengths, strict=True
         ):
             index = sample_of_tokens[id(sequence)]
             if index >= num_samples:  # a padding sample: it ran only to keep the ranks' forward counts equal
@@ -334,7 +348,7 @@ def run_teacher_pass(
                     values.append(rows.new_empty(0))
                 continue
             student_total_length = student_total_lengths[index]
-            for key, value in compute_teacher_outputs(rows, tokens, spec, tp_group).items():
+            for key, value in compute_teacher_outputs(rows, tokens, spec, tp_group, hidden_states).items():
                 outputs[key.removeprefix(TEACHER_STORE_PREFIX)].append(
                     relayout_cp_rows(
                         value,
@@ -348,11 +362,15 @@ def run_teacher_pass(
                 )
         return torch.empty((0,), device=logits.device), outputs
 
-    outputs = forward_only(
-        teacher_outputs, args, model, teacher_iterators, schedule.num_microbatches,
-        store_prefix=TEACHER_STORE_PREFIX, use_rollout_top_p_replay=False,
-    )
-    return {key: values[:num_samples] for key, values in outputs.items()}  # padding samples come last
+    with capture if capture is not None else contextlib.nullcontext():
+        outputs = forward_only(
+            teacher_outputs, args, model, teacher_iterators, schedule.num_microbatches,
+            store_prefix=TEACHER_STORE_PREFIX, use_rollout_top_p_replay=False,
+        )
+    result = {key: values[:num_samples] for key, values in outputs.items()}  # padding samples come last
+    if capture is not None and capture.weight is not None:  # the last pipeline stage
+        result[TEACHER_OUTPUT_WEIGHT_KEY] = capture.weight_copy()
+    return result
 
 
 def teacher_schedule(args: Any, student_schedule: TeacherSchedule, teacher_lengths: list[int],
@@ -441,7 +459,10 @@ def wrap_get_batch(original: Callable) -> Callable:
         if TEACHER_TOKEN_LOG_PROBS_KEY not in keys:  # a forward-only pass: untouched
             return original(data_iterator, keys, pad_multiplier, allgather_cp)
         extra = [key for key in (*HOST_KEYS, PAYLOAD_KEY) if key not in keys]
-        return add_teacher_inputs(original(data_iterator, [*keys, *extra], pad_multiplier, allgather_cp))
+        batch = original(data_iterator, [*keys, *extra], pad_multiplier, allgather_cp)
+        # one tensor per rollout, not per sample: read from the rollout data rather than through the iterator
+        batch[TEACHER_OUTPUT_WEIGHT_KEY] = getattr(data_iterator, "rollout_data", {}).get(TEACHER_OUTPUT_WEIGHT_KEY)
+        return add_teacher_inputs(batch)
 
     return get_batch
 
@@ -669,7 +690,7 @@ def install(args: Any) -> None:
     config = SelfDistillConfig.from_args(args)
     slime_version = slime_compat.verify()
     check_args(args, config)
-    spec = TeacherOutputSpec.from_config(config, args.rollout_temperature)
+    spec = TeacherOutputSpec.from_args(args, config)
     explicit = SelfDistillConfig.explicit_settings(args)
     for warning in unused_pass_warnings(args, config) + config.ineffective_settings(explicit):
         logger.warning("slime_self_distill: %s", warning)

@@ -64,6 +64,9 @@ class TeacherView:
 # layout, local to this context-parallel rank) and that the custom loss reads.
 TEACHER_TOKEN_LOG_PROBS_KEY = "teacher_log_probs"  # [R] float: slime's own key
 TEACHER_TOPK_LOG_PROBS_KEY = "teacher_topk_log_probs"  # [R, K] float
-TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"  # [R, K] int64, global vocabulary ids
-TEACHER_FULL_LOG_PROBS_KEY = "teacher_full_log_probs"  # [R, V/TP] float, this rank's vocabulary shard
+TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"  # [R, K] int32, global vocabulary ids
+TEACHER_HIDDEN_STATES_KEY = "teacher_hidden_states"  # [R, H] model dtype: the teacher's final hidden states
+# One tensor for the whole batch (not one per sample): this rank's shard [V/TP, H] of the teacher's output layer, as
+# the teacher pass found it; the loss recomputes the teacher's logits from it and the hidden states.
+TEACHER_OUTPUT_WEIGHT_KEY = "self_distill_teacher_output_weight"
 LOSS_WEIGHTS_KEY = "self_distill_loss_weights"  # float per sample: TeacherView.loss_weight

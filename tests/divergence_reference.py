@@ -69,3 +69,29 @@ def topk_renormalized(logits, teacher_topk_log_probs, teacher_topk_indices, kind
 def entropy(logits):
     p = softmax64(logits)
     return -(torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), 0.0)).sum(-1)
+
+
+def support_rows(student_logits, teacher_log_probs, support: str, k: int) -> list:
+    """Per row, the set of vocabulary ids of a top-K ``support`` (teacher / student / union), from sorting."""
+    rows = []
+    for student_row, teacher_row in zip(student_logits.tolist(), teacher_log_probs.tolist()):
+        by_teacher = sorted(range(len(teacher_row)), key=lambda v: -teacher_row[v])[:k]
+        by_student = sorted(range(len(student_row)), key=lambda v: -student_row[v])[:k]
+        rows.append({"teacher": set(by_teacher), "student": set(by_student),
+                     "union": set(by_teacher) | set(by_student)}[support])
+    return rows
+
+
+def on_support(logits, teacher_log_probs, supports: list, kind, alpha, tail: str):
+    """Per row, the divergence over the row's support set plus a tail bucket ('bucket') or renormalized over it."""
+    student, teacher = softmax64(logits), torch.exp(teacher_log_probs.to(torch.float64))
+    values = []
+    for row, ids in enumerate(supports):
+        index = torch.tensor(sorted(ids))
+        s, t = student[row, index].unsqueeze(0), teacher[row, index].unsqueeze(0)
+        if tail == "bucket":
+            s, t = with_tail(s), with_tail(t)
+        else:
+            s, t = s / s.sum(-1, keepdim=True), t / t.sum(-1, keepdim=True)
+        values.append(divergence(s, t, kind, alpha)[0])
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)

@@ -176,6 +176,7 @@ def actor_args(tmp_path, **overrides) -> argparse.Namespace:
         align_grad_reduce=False, align_param_gather=False, manual_gc=False, calculate_per_token_loss=False,
         check_for_nan_in_loss_and_grad=True, finetune=False, no_load_optim=False, no_load_rng=False, ckpt_step=None,
         debug_rollout_only=False, debug_train_only=False, use_critic=False, vocab_size=VOCAB, padded_vocab_size=VOCAB,
+        hidden_size=8,  # TinyCausalLM's: K 4 (32 B) is no larger than a hidden state, so the top-K is stored
         offload_train=False, async_save=False, save_hf=None, lr=0.5, actor_num_nodes=1, actor_num_gpus_per_node=1,
         num_gpus_per_node=1, use_dynamic_batch_size=False, ref_load=str(tmp_path / "initial"), load=None,
         save=str(tmp_path / "save"), use_pytorch_profiler=False, record_memory_history=False, profile_target=[],

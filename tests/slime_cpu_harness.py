@@ -152,7 +152,7 @@ def make_args(**overrides) -> Namespace:
         # install()'s checks
         compute_advantages_and_returns=True, loss_type="custom_loss", context_parallel_size=1,
         tensor_model_parallel_size=1, use_opd=False, opd_type=None, opd_kl_coef=1.0, rollout_batch_size=2,
-        n_samples_per_prompt=2, rollout_max_response_len=12, padded_vocab_size=24, vocab_size=24,
+        n_samples_per_prompt=2, rollout_max_response_len=12, padded_vocab_size=24, vocab_size=24, hidden_size=8,
         actor_num_gpus_per_node=8,
         # a live teacher needs no checkpoint (a frozen one is slime's --opd-teacher-load)
         self_distill_teacher="live",

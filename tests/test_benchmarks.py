@@ -11,3 +11,15 @@ def test_the_sdpo_rollout_benchmark_runs_and_builds_teachers(capsys):
     assert "teacher views per rollout: static" in out and "ratio" in out
     given = int(out.split("SDPO gives ")[1].split()[0])
     assert 0 < given < 16  # some groups have a success to read, some none
+
+
+def test_the_hidden_store_benchmark_runs_every_case(capsys):
+    from benchmarks import bench_hidden_store
+
+    bench_hidden_store.main(["--rows", "64", "--hidden", "16", "--vocab", "300", "--topk", "8", "--repeats", "1",
+                             "--chunk-size", "16"])
+    out = capsys.readouterr().out
+    for case in ("full_vocab forward_kl", "full_vocab alpha_js", "topk student support", "topk union support",
+                 "topk teacher support (stored top-K)"):
+        assert case in out
+    assert "teacher bytes/token 68" in out  # 16 fp32 values + the sampled token's log-prob

@@ -152,3 +152,25 @@ def test_alpha_js_weight_special_cases():
 def test_round_trip_through_args_dict():
     config = SelfDistillConfig(kl_scope="sampled_token", divergence="reverse_kl", teacher="ema", ema_rate=0.05)
     assert SelfDistillConfig.from_args(SimpleNamespace(**config.to_args_dict())) == config
+
+
+def test_the_retired_storage_dtype_says_what_replaced_it_as_flag_and_as_yaml_key():
+    for args in (parse(["--self-distill-full-vocab-storage-dtype", "float16"]),
+                 SimpleNamespace(self_distill_full_vocab_storage_dtype="float32", self_distill_kl_scope="full_vocab")):
+        with pytest.raises(ConfigError, match=r"--self-distill-full-vocab-storage-dtype\) is gone: .* final hidden "
+                                              r"states .*remove the setting"):
+            SelfDistillConfig.from_args(args)
+    assert SelfDistillConfig.from_args(parse([])) == SelfDistillConfig()  # the hidden flag defaults to unset
+    assert "storage-dtype" not in add_self_distill_arguments(argparse.ArgumentParser()).format_help()
+
+
+def test_topk_support_choices_and_where_it_has_no_effect():
+    assert SelfDistillConfig.from_args(parse(["--self-distill-kl-scope", "topk", "--self-distill-topk-support",
+                                              "union"])).topk_support == "union"
+    with pytest.raises(SystemExit):
+        parse(["--self-distill-topk-support", "both"])
+    with pytest.raises(ConfigError, match="--self-distill-topk-support: got 'both'; choose one of teacher, student"):
+        SelfDistillConfig(topk_support="both")
+    assert SelfDistillConfig(kl_scope="full_vocab").ineffective_settings({"topk_support"}) == [
+        "--self-distill-topk-support has no effect: --self-distill-kl-scope is full_vocab"]
+    assert SelfDistillConfig(kl_scope="topk").ineffective_settings({"topk_support"}) == []

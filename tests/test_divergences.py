@@ -226,7 +226,7 @@ def test_topk_helper_returns_global_top_values():
 
 def test_bad_shapes_are_named():
     logits, teacher, sampled = make_inputs()
-    with pytest.raises(ValueError, match="teacher_log_probs has shape"):
+    with pytest.raises(ValueError, match="teacher.s log-probabilities have shape"):
         full_vocab_divergence(logits, sampled, teacher[:, :5], divergence="forward_kl", alpha=0.5)
     with pytest.raises(ValueError, match="must both be"):
         topk_divergence(logits, sampled, teacher[:, :3], teacher.topk(4).indices, divergence="forward_kl", alpha=0.5)

@@ -31,6 +31,7 @@ ONE_PINNED_TAG = 8192 + 2048 + 128  # each tensor rounded up to a power of two b
 
 def run_args(**overrides):
     values = dict(rollout_batch_size=16, n_samples_per_prompt=4, rollout_max_response_len=1000, padded_vocab_size=500,
+                  hidden_size=4096, bf16=True,
                   kl_coef=0.0, use_kl_loss=False, use_opd=False, opd_type=None, keep_old_actor=False,
                   update_weights_interval=1, use_distributed_optimizer=False, optimizer_cpu_offload=False,
                   optimizer_offload_fraction=1.0, offload_train=False)
@@ -79,19 +80,30 @@ def test_optimizer_cpu_offload_and_the_memory_saver_backup_use_the_optimizer_sha
 
 
 def test_teacher_store_of_a_known_configuration():
-    # 512 samples / DP 4 = 128 per rank, x 4096 rows, x 151936 / 2 columns x 2 bytes (fp16)
+    # Qwen3-8B (H 4096, bf16, padded vocabulary 151936), TP 2, 8 GPUs: 512 samples / DP 4 = 128 per rank x 4096 rows
     args = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096,
                     padded_vocab_size=151936)
     parallel = Parallel(tp=2, dp=4)
-    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"), parallel) == 128 * 4096 * 75968 * 2
-    # K fp32 values + K int64 ids per row
-    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="topk", topk=64), parallel) == 128 * 4096 * 64 * 12
+    rows = 128 * 4096
+    # the final hidden state, H values in bf16, whatever the vocabulary and TP (the old store: 151936 / 2 x 2 bytes)
+    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"), parallel) == rows * 4096 * 2
+    for support in ("student", "union"):
+        assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="topk", topk_support=support), parallel) == \
+            rows * 4096 * 2
+    # the teacher's own top-K: K fp32 values + K int32 ids per row, 16x smaller than a hidden state at K 64
+    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="topk", topk=64), parallel) == rows * 64 * 8
+    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="topk", topk=2000), parallel) == rows * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="sampled_token"), parallel) == 0
+    # a float32 model keeps 4 bytes per hidden value
+    float32_model = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096, bf16=False)
+    assert teacher_store_bytes(float32_model, SelfDistillConfig(kl_scope="full_vocab"), parallel) == rows * 4096 * 4
     # context parallelism splits the rows; only the last pipeline stage keeps a store
-    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab", full_vocab_storage_dtype="float32"),
-                               Parallel(tp=2, dp=4, cp=3)) == 128 * 1366 * 75968 * 4
+    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
+                               Parallel(tp=2, dp=4, cp=3)) == 128 * 1366 * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
                                Parallel(tp=2, dp=4, last_pipeline_stage=False)) == 0
+    with pytest.raises(ConfigError, match="--hidden-size"):
+        teacher_store_bytes(run_args(hidden_size=None), SelfDistillConfig(kl_scope="full_vocab"), parallel)
 
 
 def test_the_node_peak_adds_the_larger_phase_to_what_is_held_throughout():
@@ -99,7 +111,7 @@ def test_the_node_peak_adds_the_larger_phase_to_what_is_held_throughout():
     args = run_args(offload_train=True)
     rank = rank_host_memory(args, config, TENSORS, Parallel(dp=2))
     always, asleep, training = (rank.phase_bytes(p) for p in (ALWAYS, WHILE_ASLEEP, WHILE_TRAINING))
-    assert always == ONE_PINNED_TAG * 2 + 4 * 4040 and asleep == 4040 * 12 and training == 32 * 1000 * 64 * 12
+    assert always == ONE_PINNED_TAG * 2 + 4 * 4040 and asleep == 4040 * 12 and training == 32 * 1000 * 64 * 8
     nodes = group_by_node([("a", rank, 100), ("b", rank, 50), ("a", rank, 120)])
     assert [(n.host, len(n.ranks), n.available_bytes) for n in nodes] == [("a", 2, 120), ("b", 1, 50)]
     assert nodes[0].peak_bytes == 2 * (always + max(asleep, training))
@@ -111,20 +123,21 @@ def test_a_node_over_its_budget_is_refused_with_its_numbers_and_the_alternatives
                     padded_vocab_size=151936)
     parallel = Parallel(tp=2, dp=4)
     rank = rank_host_memory(args, config, TENSORS, parallel)
-    node = NodeHostMemory("gpu-node-7", [rank] * 8, available_bytes=400 * GIB)
+    node = NodeHostMemory("gpu-node-7", [rank] * 8, available_bytes=30 * GIB)
     with pytest.raises(ConfigError) as error:
         check_nodes([node, NodeHostMemory("roomy", [rank], available_bytes=10_000 * GIB)], args, config, parallel)
     message = str(error.value)
-    assert "node gpu-node-7 (8 training ranks): peak about 593.5 GiB" in message and "roomy" not in message
-    assert "593.5 GiB  full_vocab teacher store (teacher pass to end of training)" in message
-    assert "budget 360.0 GiB (90% of 400.0 GiB available at start-up)" in message
-    assert "--self-distill-kl-scope topk --self-distill-topk 64" in message
+    assert "node gpu-node-7 (8 training ranks): peak about 32.0 GiB" in message and "roomy" not in message
+    assert "32.0 GiB  teacher hidden-state store (full_vocab) (teacher pass to end of training)" in message
+    assert "budget 27.0 GiB (90% of 30.0 GiB available at start-up)" in message
+    assert ("--self-distill-kl-scope topk --self-distill-topk-support teacher --self-distill-topk 64 (a teacher store "
+            "of about 256.0 MiB per rank instead of 4.0 GiB, but the teacher's support only)") in message
     assert "--self-distill-teacher frozen or live" in message
-    check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab", host_memory_budget_gb=600.0),
+    check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab", host_memory_budget_gb=40.0),
                 parallel)
-    with pytest.raises(ConfigError, match=r"budget 500.0 GiB \(--self-distill-host-memory-budget-gb 500.0\)"):
+    with pytest.raises(ConfigError, match=r"budget 20.0 GiB \(--self-distill-host-memory-budget-gb 20.0\)"):
         check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab",
-                                                    host_memory_budget_gb=500.0), parallel)
+                                                    host_memory_budget_gb=20.0), parallel)
 
 
 def test_available_memory_readings():

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from slime_self_distill import megatron_hooks
 from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.core.host_memory import Parallel, teacher_store_bytes
+from slime_self_distill.core.teacher_logits import TeacherHiddenStates
 from slime_self_distill.megatron_hooks import (
     add_teacher_inputs,
     build_teacher_rollout_data,
@@ -18,13 +19,15 @@ from slime_self_distill.megatron_hooks import (
 )
 from slime_self_distill.teacher_view import (
     LOSS_WEIGHTS_KEY,
-    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_HIDDEN_STATES_KEY,
+    TEACHER_OUTPUT_WEIGHT_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
     TeacherView,
 )
 from slime_self_distill.trainer.teacher_weights import TeacherAwareBackuper
+from tests.megatron_gpt import MegatronTinyGPT
 from tests.slime_cpu_harness import (
     TinyCausalLM,
     TorchWithoutPinnedMemory,
@@ -47,10 +50,17 @@ TRAIN_KEYS = [
 ]
 # The key list of slime's forward_only.
 FORWARD_KEYS = ["tokens", "loss_masks", "multimodal_train_inputs", "total_lengths", "response_lengths"]
-SCOPE_ARGS = {
+SCOPE_ARGS = {  # make_args' hidden size 8 in fp32 (32 B) is smaller than K 5 entries (40 B): only 'topk' is stored
     "sampled_token": dict(self_distill_kl_scope="sampled_token"),
-    "topk": dict(self_distill_kl_scope="topk", self_distill_topk=5),
-    "full_vocab": dict(self_distill_kl_scope="full_vocab", self_distill_full_vocab_storage_dtype="float32"),
+    "topk": dict(self_distill_kl_scope="topk", self_distill_topk=5, hidden_size=4096),
+    "full_vocab": dict(self_distill_kl_scope="full_vocab"),
+    "topk_student": dict(self_distill_kl_scope="topk", self_distill_topk=5, self_distill_topk_support="student"),
+}
+EXPECTED_KEYS = {
+    "sampled_token": {TEACHER_TOKEN_LOG_PROBS_KEY},
+    "topk": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY},
+    "full_vocab": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_HIDDEN_STATES_KEY, TEACHER_OUTPUT_WEIGHT_KEY},
+    "topk_student": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_HIDDEN_STATES_KEY, TEACHER_OUTPUT_WEIGHT_KEY},
 }
 
 
@@ -110,8 +120,8 @@ def test_consumers_see_rollout_data_without_plugin_keys_and_keep_their_additions
         seen.update(rollout_data)
         rollout_data["correct_entropy"] = [0.5]
 
-    rollout = {"tokens": [1], "prompt": ["view"], TEACHER_TOKEN_LOG_PROBS_KEY: [2], TEACHER_FULL_LOG_PROBS_KEY: [3],
-               TEACHER_TOPK_LOG_PROBS_KEY: [4], TEACHER_TOPK_INDICES_KEY: [5]}
+    rollout = {"tokens": [1], "prompt": ["view"], TEACHER_TOKEN_LOG_PROBS_KEY: [2], TEACHER_HIDDEN_STATES_KEY: [3],
+               TEACHER_TOPK_LOG_PROBS_KEY: [4], TEACHER_TOPK_INDICES_KEY: [5], TEACHER_OUTPUT_WEIGHT_KEY: 6}
     wrap_rollout_data_consumer(log_rollout_data)(7, None, rollout_data=rollout)
     assert set(seen) == {"tokens", TEACHER_TOKEN_LOG_PROBS_KEY}
     assert rollout["correct_entropy"] == [0.5] and rollout["prompt"] == ["view"]
@@ -218,21 +228,40 @@ def log_prob_pass(slime, args, model, rollout, store_prefix):
     )
 
 
-def assert_matches_brute_force(model, rollout, outputs, scope, temperature):
+def assert_matches_brute_force(model, rollout, outputs, scope, temperature, student_layout=None):
+    """Every stored teacher value against a direct float64 computation on the teacher sequence (teacher prompt + the
+    student's response): the sampled token's log-prob, the top-K, and the hidden states (and the log-probabilities
+    recomputed from them with the stored output-layer shard). ``student_layout(index, values)``: the rows this rank
+    holds in the student's context-parallel layout (identity by default); columns are this rank's vocabulary shard."""
+    from megatron.core import mpu
+
+    tp_size, tp_rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    shard = model.vocab_size // tp_size
+    columns = slice(tp_rank * shard, (tp_rank + 1) * shard)
+    layout = student_layout or (lambda index, values: values)
     for index, view in enumerate(rollout["prompt"]):
         sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
         reference, response = brute_force_teacher(model, sequence, view.response_length, temperature)
         token_reference = reference.gather(1, response.unsqueeze(1)).squeeze(1)
-        torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY][index].double(), token_reference,
-                                   rtol=0, atol=2e-5)
-        if scope == "topk":
+        torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY][index].double(),
+                                   layout(index, token_reference), rtol=0, atol=2e-5)
+        if TEACHER_TOPK_INDICES_KEY in outputs:
             values, indices = reference.sort(dim=-1, descending=True)
-            assert torch.equal(outputs[TEACHER_TOPK_INDICES_KEY][index], indices[:, :5])
-            torch.testing.assert_close(outputs[TEACHER_TOPK_LOG_PROBS_KEY][index].double(), values[:, :5],
-                                       rtol=0, atol=2e-5)
-        if scope == "full_vocab":
-            torch.testing.assert_close(outputs[TEACHER_FULL_LOG_PROBS_KEY][index].double(), reference,
-                                       rtol=0, atol=2e-5)
+            assert outputs[TEACHER_TOPK_INDICES_KEY][index].dtype == torch.int32
+            assert torch.equal(outputs[TEACHER_TOPK_INDICES_KEY][index].long(), layout(index, indices[:, :5]))
+            torch.testing.assert_close(outputs[TEACHER_TOPK_LOG_PROBS_KEY][index].double(),
+                                       layout(index, values[:, :5]), rtol=0, atol=2e-5)
+        if TEACHER_HIDDEN_STATES_KEY in outputs:
+            hidden = outputs[TEACHER_HIDDEN_STATES_KEY][index]
+            rows = slice(len(sequence) - view.response_length - 1, len(sequence) - 1)  # rows predicting the response
+            direct = model.sequence_hidden(sequence, torch.float64)[rows]
+            assert hidden.device.type == "cpu" and hidden.dtype == model.dtype
+            torch.testing.assert_close(hidden.double(), layout(index, direct), rtol=0, atol=1e-5)
+            weight = outputs[TEACHER_OUTPUT_WEIGHT_KEY]
+            torch.testing.assert_close(weight.double(), model.full_weights()["output"][columns], rtol=0, atol=1e-6)
+            tp_group = mpu.get_tensor_model_parallel_group() if tp_size > 1 else None
+            recomputed = TeacherHiddenStates(hidden, weight, temperature).log_probs(tp_group)
+            torch.testing.assert_close(recomputed.double(), layout(index, reference[:, columns]), rtol=0, atol=2e-5)
 
 
 @needs_slime
@@ -240,15 +269,45 @@ def assert_matches_brute_force(model, rollout, outputs, scope, temperature):
 def test_teacher_pass_equals_brute_force_on_the_teacher_sequences(slime_cpu, scope):
     args = make_args(**SCOPE_ARGS[scope])
     megatron_hooks.install(args)
-    model, rollout = TinyCausalLM(), make_rollout(11)
+    model, rollout = MegatronTinyGPT(), make_rollout(11)
     outputs = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
-    expected_keys = {
-        "sampled_token": {TEACHER_TOKEN_LOG_PROBS_KEY},
-        "topk": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY},
-        "full_vocab": {TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_FULL_LOG_PROBS_KEY},
-    }[scope]
-    assert set(outputs) == expected_keys
+    assert set(outputs) == EXPECTED_KEYS[scope]
     assert_matches_brute_force(model, rollout, outputs, scope, args.rollout_temperature)
+
+
+@needs_slime
+@pytest.mark.parametrize("variant", ["tied", "mtp_head", "bfloat16"])
+def test_the_hidden_store_reads_the_main_head_of_the_real_output_layer(slime_cpu, variant):
+    """Tied embeddings (the output weight is the embedding's), a multi-token-prediction head (called before the main
+    one, ignored) and a bf16 model (hidden states kept in bf16, exactly as the output layer read them)."""
+    args = make_args(**SCOPE_ARGS["full_vocab"])
+    megatron_hooks.install(args)
+    model = MegatronTinyGPT(tied=variant == "tied", mtp_heads=int(variant == "mtp_head"),
+                            dtype=torch.bfloat16 if variant == "bfloat16" else torch.float32)
+    rollout = make_rollout(12)
+    outputs = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
+    if variant == "tied":
+        assert model.output_layer.weight is None
+        assert torch.equal(outputs[TEACHER_OUTPUT_WEIGHT_KEY], model.embedding.word_embeddings.weight)
+    assert outputs[TEACHER_OUTPUT_WEIGHT_KEY].data_ptr() != model.shared_embedding_or_output_weight().data_ptr()
+    if variant != "bfloat16":
+        assert_matches_brute_force(model, rollout, outputs, "full_vocab", args.rollout_temperature)
+        return
+    for index, view in enumerate(rollout["prompt"]):  # bit for bit what the output layer read
+        sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
+        rows = slice(len(sequence) - view.response_length - 1, len(sequence) - 1)
+        hidden = outputs[TEACHER_HIDDEN_STATES_KEY][index]
+        assert hidden.dtype == torch.bfloat16
+        torch.testing.assert_close(hidden.double(), model.sequence_hidden(sequence, torch.float64)[rows],
+                                   rtol=2e-2, atol=2e-2)
+
+
+@needs_slime
+def test_a_model_without_an_output_layer_is_refused_by_the_hidden_store(slime_cpu):
+    args = make_args(**SCOPE_ARGS["full_vocab"])
+    megatron_hooks.install(args)
+    with pytest.raises(RuntimeError, match="needs megatron-core's GPTModel structure"):
+        log_prob_pass(slime_cpu, args, TinyCausalLM(), make_rollout(12), "teacher_")
 
 
 @needs_slime
@@ -282,28 +341,32 @@ def test_student_and_reference_passes_are_untouched(slime_cpu):
 
 
 @needs_slime
-def test_training_batches_carry_the_teacher_inputs_and_forward_batches_do_not(slime_cpu):
-    args = make_args(**SCOPE_ARGS["topk"])
+@pytest.mark.parametrize("scope", ["topk", "full_vocab"])
+def test_training_batches_carry_the_teacher_inputs_and_forward_batches_do_not(slime_cpu, scope):
+    args = make_args(**SCOPE_ARGS[scope])
     megatron_hooks.install(args)
-    model, rollout = TinyCausalLM(), make_rollout(13)
+    model, rollout = MegatronTinyGPT(), make_rollout(13)
     rollout.update(log_prob_pass(slime_cpu, args, model, rollout, "teacher_"))
+    per_sample = sorted(EXPECTED_KEYS[scope] - {TEACHER_OUTPUT_WEIGHT_KEY})
     iterator = slime_cpu.data.get_data_iterator(rollout)[0]
     for micro_batch in rollout["micro_batch_indices"]:
         batch = slime_cpu.model.get_batch(iterator, TRAIN_KEYS, args.data_pad_size_multiplier, False)
         assert "prompt" not in batch
         assert batch[LOSS_WEIGHTS_KEY].tolist() == [rollout["prompt"][i].loss_weight for i in micro_batch]
-        for key in (TEACHER_TOKEN_LOG_PROBS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY):
+        for key in per_sample:
             assert all(torch.equal(a, rollout[key][i]) for a, i in zip(batch[key], micro_batch, strict=True))
+        # the output-layer shard: one tensor for every micro-batch of the rollout, not one per sample
+        assert batch[TEACHER_OUTPUT_WEIGHT_KEY] is rollout.get(TEACHER_OUTPUT_WEIGHT_KEY)
     iterator.reset()
     batch = slime_cpu.model.get_batch(iterator, FORWARD_KEYS, args.data_pad_size_multiplier, False)
-    assert not {LOSS_WEIGHTS_KEY, TEACHER_TOPK_LOG_PROBS_KEY, "prompt"} & set(batch)
+    assert not {LOSS_WEIGHTS_KEY, TEACHER_OUTPUT_WEIGHT_KEY, "prompt", *per_sample[1:]} & set(batch)
 
 
 @needs_slime
 def test_dynamic_micro_batches_are_split_for_the_longer_teacher_sequences(slime_cpu):
     args = make_args(use_dynamic_batch_size=True, max_tokens_per_gpu=30, **SCOPE_ARGS["full_vocab"])
     megatron_hooks.install(args)
-    model, rollout = TinyCausalLM(), make_rollout(14, num_samples=6)
+    model, rollout = MegatronTinyGPT(), make_rollout(14, num_samples=6)
     teacher_lengths = build_teacher_rollout_data(rollout)["total_lengths"]
     assert any(sum(teacher_lengths[i] for i in mb) > 30 for mb in rollout["micro_batch_indices"])
     outputs = log_prob_pass(slime_cpu, args, model, rollout, "teacher_")
@@ -312,15 +375,17 @@ def test_dynamic_micro_batches_are_split_for_the_longer_teacher_sequences(slime_
 
 
 @needs_slime
-def test_full_vocab_store_is_what_the_estimate_says(slime_cpu):
-    args = make_args(**SCOPE_ARGS["full_vocab"])
+@pytest.mark.parametrize("scope", ["full_vocab", "topk"])
+def test_the_teacher_store_is_what_the_estimate_says(slime_cpu, scope):
+    args = make_args(**SCOPE_ARGS[scope])
     megatron_hooks.install(args)
     rollout = make_rollout(15, num_samples=4, full_length_responses=True, max_response_len=9)
-    outputs = log_prob_pass(slime_cpu, args, TinyCausalLM(), rollout, "teacher_")
-    stored = sum(t.nbytes for t in outputs[TEACHER_FULL_LOG_PROBS_KEY])
+    outputs = log_prob_pass(slime_cpu, args, MegatronTinyGPT(), rollout, "teacher_")
+    stored = sum(t.nbytes for key in megatron_hooks.HOST_KEYS for t in outputs.get(key, ()))
     config = SelfDistillConfig.from_args(args)
     assert stored == teacher_store_bytes(make_args(rollout_batch_size=4, n_samples_per_prompt=1,
-                                                   rollout_max_response_len=9), config, Parallel())
+                                                   rollout_max_response_len=9, **SCOPE_ARGS[scope]), config, Parallel())
+    assert stored == 4 * 9 * {"full_vocab": 8 * 4, "topk": 5 * 8}[scope]
 
 
 @needs_slime
@@ -329,13 +394,13 @@ def test_host_memory_is_checked_when_slime_creates_the_weights_backuper(slime_cp
 
     monkeypatch.setattr(tensor_backper, "torch", TorchWithoutPinnedMemory())
     args = make_args(self_distill_host_memory_budget_gb=1.0, rollout_batch_size=64, n_samples_per_prompt=8,
-                     rollout_max_response_len=8192, padded_vocab_size=151936)
+                     rollout_max_response_len=8192, padded_vocab_size=151936, hidden_size=4096, bf16=True)
     megatron_hooks.install(args)  # the launcher checked the store alone; the actors check everything here
     model = TinyCausalLM()
     with pytest.raises(ConfigError) as error:
         tensor_backper.TensorBackuper.create(lambda: model.named_parameters(), None)
     message = str(error.value)
-    assert "full_vocab teacher store" in message and "slime's pinned 'actor' weight backup" in message
+    assert "teacher hidden-state store (full_vocab)" in message and "slime's pinned 'actor' weight backup" in message
     assert "budget 1.0 GiB (--self-distill-host-memory-budget-gb 1.0)" in message
     assert "--self-distill-kl-scope topk" in message
 
@@ -428,37 +493,25 @@ def _parallel_worker(rank, port):
     init_gloo(rank, 2, port, slime_group=True)
     point_slime_at_cpu()
     temperature = make_args().rollout_temperature
-    for tp_size, cp_size in ((2, 1), (1, 2)):
+    for tp_size, cp_size, sequence_parallel in ((2, 1, False), (2, 1, True), (1, 2, False)):
         mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
         for scope, scope_args in SCOPE_ARGS.items():
             args = make_args(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size, **scope_args)
             megatron_hooks.install(args)
             # a 1-token response sits on one CP rank only; the others hold no row of it
-            model, rollout = TinyCausalLM(), make_rollout(21, num_samples=6, response_lengths=(1, 12, 3, 7, 2, 9))
+            model = MegatronTinyGPT(sequence_parallel=sequence_parallel)
+            rollout = make_rollout(21, num_samples=6, response_lengths=(1, 12, 3, 7, 2, 9))
             rollout.update(log_prob_pass(slime, args, model, rollout, "teacher_"))
             rollout.update(log_prob_pass(slime, args, model, rollout, ""))
-            for index, view in enumerate(rollout["prompt"]):
-                sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
-                reference, response = brute_force_teacher(model, sequence, view.response_length, temperature)
+            assert EXPECTED_KEYS[scope] <= set(rollout)
 
-                def student_layout(values):  # the student's CP layout, by slime's own slicing function
-                    return slime.cp_utils.slice_log_prob_with_cp(
-                        values, rollout["total_lengths"][index], view.response_length)
+            def student_layout(index, values):  # the student's CP layout, by slime's own slicing function
+                return slime.cp_utils.slice_log_prob_with_cp(
+                    values, rollout["total_lengths"][index], rollout["response_lengths"][index])
 
-                got = rollout[TEACHER_TOKEN_LOG_PROBS_KEY][index]
+            for index, got in enumerate(rollout[TEACHER_TOKEN_LOG_PROBS_KEY]):
                 assert got.shape == rollout["log_probs"][index].shape  # row for row with the student's logits
-                token_reference = reference.gather(1, response.unsqueeze(1)).squeeze(1)
-                torch.testing.assert_close(got.double(), student_layout(token_reference), rtol=0, atol=2e-5)
-                if scope == "topk":
-                    values, indices = reference.sort(dim=-1, descending=True)
-                    assert torch.equal(rollout[TEACHER_TOPK_INDICES_KEY][index], student_layout(indices[:, :5]))
-                    torch.testing.assert_close(rollout[TEACHER_TOPK_LOG_PROBS_KEY][index].double(),
-                                               student_layout(values[:, :5]), rtol=0, atol=2e-5)
-                if scope == "full_vocab":
-                    shard = reference.size(1) // tp_size
-                    torch.testing.assert_close(rollout[TEACHER_FULL_LOG_PROBS_KEY][index].double(),
-                                               student_layout(reference[:, rank % tp_size * shard:][:, :shard]),
-                                               rtol=0, atol=2e-5)
+            assert_matches_brute_force(model, rollout, rollout, scope, temperature, student_layout)
             iterator = slime.data.get_data_iterator(rollout)[0]
             for micro_batch in rollout["micro_batch_indices"]:
                 batch = slime.model.get_batch(iterator, TRAIN_KEYS, args.data_pad_size_multiplier, False)

@@ -25,6 +25,7 @@ pytestmark = requires_slime
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 16
+HIDDEN = 16  # 64 B per hidden state in float32: the recipes' teacher top-5 (40 B) is stored, as K 64 is at H 4096
 PROMPTS, RESPONSES = [3, 5, 2, 4, 3], [6, 4, 7, 2, 8]  # the last sample keeps only its tail after skipping
 
 
@@ -39,16 +40,20 @@ def recipe(name: str):
 
 
 def step_inputs(seed: int):
-    """Student and teacher raw logits over each whole sequence, sampled tokens, loss masks, rollout log-probs."""
+    """Student raw logits over each whole sequence; the teacher's final hidden states at the response rows and its
+    output weights (float32 values), and its raw logits from them in float64; sampled tokens, loss masks, rollout
+    log-probs."""
     g = torch.Generator().manual_seed(seed)
-    student_rows, teacher_logits, tokens, masks, rollout = [], [], [], [], []
+    output_weight = 2 * torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN ** 0.5
+    student_rows, teacher, tokens, masks, rollout = [], [], [], [], []
     for p, r in zip(PROMPTS, RESPONSES):
         tokens.append(torch.randint(0, VOCAB, (p + r,), generator=g))
         student_rows.append(2 * torch.randn(p + r, VOCAB, generator=g, dtype=torch.float64))
-        teacher_logits.append(2 * torch.randn(r, VOCAB, generator=g, dtype=torch.float64))
+        hidden = torch.randn(r, HIDDEN, generator=g)
+        teacher.append((hidden, hidden.double() @ output_weight.double().t()))
         masks.append((torch.rand(r, generator=g) > 0.15).int().tolist())
         rollout.append(-torch.rand(r, generator=g, dtype=torch.float64) * 3)
-    return student_rows, teacher_logits, tokens, masks, rollout
+    return student_rows, (teacher, output_weight), tokens, masks, rollout
 
 
 def plugin_objective(config, temperature: float, per_token: bool, inputs):
@@ -56,22 +61,23 @@ def plugin_objective(config, temperature: float, per_token: bool, inputs):
     outputs and slime's loss_function (one micro-batch holding the step's samples)."""
     from slime.backends.megatron_utils.loss import loss_function
 
-    student_rows, teacher_logits, tokens, masks, rollout = inputs
+    student_rows, (teacher_rows, output_weight), tokens, masks, rollout = inputs
     views = [TeacherView(tuple(range(len(t) + 1)), r, True, 1.0) for t, r in zip(tokens, RESPONSES)]
     data = restrict_loss_masks({PAYLOAD_KEY: views, "loss_masks": masks, "rollout_ids": list(range(len(masks)))},
                                config.num_loss_tokens_to_skip)
-    spec = TeacherOutputSpec.from_config(config, temperature)
-    teacher = [compute_teacher_outputs(t.float(), tok[-r:], spec) for t, tok, r in zip(teacher_logits, tokens,
-                                                                                       RESPONSES)]
     logits = torch.cat(student_rows).float().unsqueeze(0).requires_grad_(True)
     args = Namespace(loss_type="custom_loss", custom_loss_function_path="slime_self_distill.custom_loss.self_distill_loss",
                      calculate_per_token_loss=per_token, recompute_loss_function=False, allgather_cp=False,
-                     rollout_temperature=temperature, **config.to_args_dict())
+                     rollout_temperature=temperature, hidden_size=HIDDEN, **config.to_args_dict())
+    spec = TeacherOutputSpec.from_args(args, config)
+    teacher = [compute_teacher_outputs(t_logits.float(), tok[-r:], spec, hidden_states=hidden)
+               for (hidden, t_logits), tok, r in zip(teacher_rows, tokens, RESPONSES)]
     batch = {
         "unconcat_tokens": tokens, "total_lengths": [len(t) for t in tokens], "response_lengths": RESPONSES,
         "loss_masks": [torch.tensor(m, dtype=torch.int) for m in data["loss_masks"]], "rollout_mask_sums": None,
         "rollout_log_probs": [r.float() for r in rollout], "self_distill_loss_weights": [1.0] * len(tokens),
         **{key: [outputs[key] for outputs in teacher] for key in teacher[0]},
+        "self_distill_teacher_output_weight": output_weight,
     }
     loss, normalizer, _ = loss_function(args, batch, 1, len(tokens), logits)
     objective = loss / normalizer if per_token else loss  # Megatron divides by the token count with per-token loss
@@ -82,7 +88,8 @@ def plugin_objective(config, temperature: float, per_token: bool, inputs):
 def per_sample(inputs, temperature=1.0):
     """The student logits as a float64 leaf, and per sample: (student log-probs, teacher log-probs) over the response
     rows at ``temperature``, the response tokens, the loss mask, the rollout log-probs."""
-    student_rows, teacher_logits, tokens, masks, rollout = inputs
+    student_rows, (teacher_rows, _), tokens, masks, rollout = inputs
+    teacher_logits = [t_logits for _, t_logits in teacher_rows]
     logits = torch.cat(student_rows).clone().requires_grad_(True)
     samples, start = [], 0
     for p, r, t_logits, tok, mask, roll in zip(PROMPTS, RESPONSES, teacher_logits, tokens, masks, rollout):
@@ -162,8 +169,8 @@ def official_sdpo(inputs, *, topk, alpha=0.5, cap=2.0):
     log-probabilities get a tail bucket log(-expm1(logsumexp)), the mixture log M = logsumexp(log S + log(1 - alpha),
     log T + log(alpha)), the loss lerp(KL(S || M), KL(T || M), alpha) summed over the K + 1 entries; times the rollout
     correction min(exp(old - rollout), 2) per token; token-mean over a micro-batch of one sequence, averaged over the
-    step's sequences. The top-K ids are the TEACHER's here (the recipe's stated deviation: officially the student's,
-    dp_actor.py passes topk_indices=student_topk_indices)."""
+    step's sequences. The top-K ids are the STUDENT's (dp_actor.py passes topk_indices=student_topk_indices to the
+    teacher's forward)."""
     logits, samples = per_sample(inputs)
     total = 0.0
 
@@ -172,7 +179,7 @@ def official_sdpo(inputs, *, topk, alpha=0.5, cap=2.0):
         return torch.cat([log_p, torch.log(-torch.expm1(log_sum))], -1)
 
     for student, teacher, response, mask, roll in samples:
-        ids = teacher.topk(topk, -1).indices
+        ids = student.detach().topk(topk, -1).indices
         log_s, log_t = with_tail(student.gather(-1, ids)), with_tail(teacher.gather(-1, ids))
         log_m = torch.logsumexp(torch.stack([log_s + torch.log(torch.tensor(1 - alpha, dtype=torch.float64)),
                                              log_t + torch.log(torch.tensor(alpha, dtype=torch.float64))]), 0)
@@ -228,8 +235,6 @@ def test_the_recipe_loss_is_the_official_objective(slime_megatron, name, seed):
     config, temperature, per_token = recipe(name)
     if config.kl_scope == "topk":
         config = dataclasses.replace(config, topk=TOPK)
-    if config.kl_scope == "full_vocab":  # keep the teacher store exact (the recipes' float16 rounds it, README)
-        config = dataclasses.replace(config, full_vocab_storage_dtype="float32")
     inputs = step_inputs(seed)
     value, grad = plugin_objective(config, temperature, per_token, inputs)
     expected_value, expected_grad = OFFICIAL[name](inputs)

@@ -19,14 +19,17 @@ from tests.slime_support import requires_slime
 
 pytestmark = requires_slime
 
-VOCAB = 12
+VOCAB, HIDDEN = 12, 5
 PROMPTS, RESPONSES = [3, 5, 2, 4], [6, 4, 7, 5]
 WITHOUT_TEACHER = 1
 EPS_CLIP, EPS_CLIP_HIGH, ENTROPY_COEF, TEMPERATURE = 0.2, 0.28, 0.01, 0.8
 
 
 def step_inputs(seed: int):
+    """Per sample: student logits rows, tokens, masks, old log-probs, advantages, and the teacher as (hidden states
+    [R, H], its float64 log-softmax at the rollout temperature); last, the teacher's output weight [V, H]."""
     g = torch.Generator().manual_seed(seed)
+    output_weight = (2 * torch.randn(VOCAB, HIDDEN, generator=g)).double()  # float32 values, held exactly
     rows, tokens, masks, old, advantages, teacher = [], [], [], [], [], []
     for p, r in zip(PROMPTS, RESPONSES):
         tokens.append(torch.randint(0, VOCAB, (p + r,), generator=g))
@@ -34,15 +37,16 @@ def step_inputs(seed: int):
         masks.append((torch.rand(r, generator=g) > 0.2).int().tolist())
         old.append(-torch.rand(r, generator=g, dtype=torch.float64) * 3)  # old log-probs: ratios far from 1 clip
         advantages.append(torch.full((r,), float(torch.randn(1, generator=g)), dtype=torch.float64))
-        teacher.append(torch.log_softmax(2 * torch.randn(r, VOCAB, generator=g, dtype=torch.float64), -1))
-    return rows, tokens, masks, old, advantages, teacher
+        hidden = torch.randn(r, HIDDEN, generator=g, dtype=torch.float64).float()
+        teacher.append((hidden, torch.log_softmax(hidden.double() @ output_weight.t() / TEMPERATURE, -1)))
+    return rows, tokens, masks, old, advantages, teacher, output_weight.float()
 
 
 def plugin_step(config: SelfDistillConfig, per_token: bool, inputs, num_microbatches=2, step_samples=8):
     """(slime's scaled loss, the loss Megatron optimizes, its gradient, the logged metrics) for one micro-batch."""
     from slime.backends.megatron_utils.loss import loss_function
 
-    rows, tokens, masks, old, advantages, teacher = inputs
+    rows, tokens, masks, old, advantages, teacher, output_weight = inputs
     views = [TeacherView((), r, False, 0.0, reason="no_solution_nor_feedback") if i == WITHOUT_TEACHER
              else TeacherView(tuple(range(len(t) + 1)), r, True, 1.0)
              for i, (t, r) in enumerate(zip(tokens, RESPONSES))]
@@ -60,16 +64,18 @@ def plugin_step(config: SelfDistillConfig, per_token: bool, inputs, num_microbat
         rollout_temperature=TEMPERATURE, log_probs_chunk_size=-1, rollout_top_p=1.0,
         advantage_estimator="grpo", use_rollout_logprobs=False, eps_clip=EPS_CLIP, eps_clip_high=EPS_CLIP_HIGH,
         eps_clip_c=None, use_opsm=False, get_mismatch_metrics=False, use_tis=False,
-        custom_pg_loss_reducer_function_path=None, entropy_coef=ENTROPY_COEF, use_kl_loss=False,
+        custom_pg_loss_reducer_function_path=None, entropy_coef=ENTROPY_COEF, use_kl_loss=False, hidden_size=HIDDEN,
         **config.to_args_dict(),
     )
-    teacher_token = [t.gather(-1, tok[-r:, None]).squeeze(-1).float() for t, tok, r in zip(teacher, tokens, RESPONSES)]
+    teacher_token = [t.gather(-1, tok[-r:, None]).squeeze(-1).float()
+                     for (_, t), tok, r in zip(teacher, tokens, RESPONSES)]
     batch = {
         "unconcat_tokens": tokens, "total_lengths": [len(t) for t in tokens], "response_lengths": RESPONSES,
         "loss_masks": [torch.tensor(m, dtype=torch.int) for m in data["loss_masks"]],
         "rollout_mask_sums": [torch.tensor(float(s)) for s in data["rollout_mask_sums"]],
         "advantages": [a.float() for a in advantages], "log_probs": [o.float() for o in old],
-        "teacher_log_probs": teacher_token, "teacher_full_log_probs": [t.float() for t in teacher],
+        "teacher_log_probs": teacher_token, "teacher_hidden_states": [h for h, _ in teacher],
+        "self_distill_teacher_output_weight": output_weight,
         "self_distill_loss_weights": [v.loss_weight for v in views],
     }
     loss, normalizer, log = loss_function(args, batch, num_microbatches, step_samples, logits)
@@ -80,7 +86,8 @@ def plugin_step(config: SelfDistillConfig, per_token: bool, inputs, num_microbat
 
 def reference(config: SelfDistillConfig, per_token: bool, inputs, num_microbatches=2, step_samples=8):
     """float64: the combined loss of the micro-batch as slime scales it, and its gradient."""
-    rows, tokens, masks, old, advantages, teacher = inputs
+    rows, tokens, masks, old, advantages, teacher, _ = inputs
+    teacher = [log_probs for _, log_probs in teacher]
     logits = torch.cat(rows).clone().requires_grad_(True)
     policy_terms, distill_terms, start = [], [], 0
     for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
@@ -115,7 +122,7 @@ def reference(config: SelfDistillConfig, per_token: bool, inputs, num_microbatch
 @pytest.mark.parametrize("combination, weight", [("hybrid", 0.3), ("hybrid", 1.0), ("additive", 0.5)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_combined_loss_and_gradient_equal_the_brute_force(slime_megatron, combination, weight, per_token, seed):
-    config = SelfDistillConfig(kl_scope="full_vocab", full_vocab_storage_dtype="float32", rl_combination=combination,
+    config = SelfDistillConfig(kl_scope="full_vocab", rl_combination=combination,
                                weight=weight, teacher="live")
     inputs = step_inputs(seed)
     value, grad, metrics = plugin_step(config, per_token, inputs)
@@ -131,14 +138,14 @@ def test_combined_loss_and_gradient_equal_the_brute_force(slime_megatron, combin
 def test_the_sample_without_a_teacher_still_trains_on_the_policy_loss(slime_megatron):
     """Its loss mask is kept (the policy term needs it) and its rows get the policy gradient only."""
     inputs = step_inputs(3)
-    config = SelfDistillConfig(kl_scope="full_vocab", full_vocab_storage_dtype="float32", rl_combination="additive",
+    config = SelfDistillConfig(kl_scope="full_vocab", rl_combination="additive",
                                weight=0.5, teacher="live")
     _, grad, _ = plugin_step(config, False, inputs)
     start = sum(p + r for p, r in zip(PROMPTS[:WITHOUT_TEACHER], RESPONSES[:WITHOUT_TEACHER]))
     prompt, response = PROMPTS[WITHOUT_TEACHER], RESPONSES[WITHOUT_TEACHER]
     rows = grad[0, start + prompt - 1:start + prompt + response - 1]
     assert rows.abs().sum() > 0
-    distillation_only = SelfDistillConfig(kl_scope="full_vocab", full_vocab_storage_dtype="float32", teacher="live")
+    distillation_only = SelfDistillConfig(kl_scope="full_vocab", teacher="live")
     _, grad_none, metrics = plugin_step(distillation_only, False, inputs)
     assert grad_none[0, start:start + prompt + response].abs().sum() == 0
     assert "pg_loss" not in metrics  # none: slime's policy loss is not computed

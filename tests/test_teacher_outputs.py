@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.teacher_view import (
-    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_HIDDEN_STATES_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
@@ -17,15 +17,20 @@ from slime_self_distill.trainer.teacher_outputs import (
     TeacherOutputSpec,
     compute_teacher_outputs,
     cp_response_rows,
+    model_dtype_bytes,
     relayout_cp_rows,
+    teacher_bytes_per_token,
+    teacher_signal,
 )
 from tests.slime_cpu_harness import free_port, init_gloo
 from tests.slime_support import needs_slime
 
+HIDDEN = 6
 
-def spec(kl_scope, *, topk=4, temperature=0.7, chunk_size=3, storage="float32"):
-    config = SelfDistillConfig(kl_scope=kl_scope, topk=topk, chunk_size=chunk_size, full_vocab_storage_dtype=storage)
-    return TeacherOutputSpec.from_config(config, temperature)
+
+def spec(kl_scope, *, topk=4, temperature=0.7, chunk_size=3, support="teacher", hidden_size=4096):
+    config = SelfDistillConfig(kl_scope=kl_scope, topk=topk, chunk_size=chunk_size, topk_support=support)
+    return TeacherOutputSpec.from_config(config, temperature, hidden_size, 2)
 
 
 def brute_force(logits, tokens, temperature):
@@ -38,7 +43,8 @@ def test_outputs_match_float64_brute_force(kl_scope):
     generator = torch.Generator().manual_seed(1)
     logits = 3 * torch.randn(11, 29, generator=generator)
     tokens = torch.randint(0, 29, (11,), generator=generator)
-    outputs = compute_teacher_outputs(logits, tokens, spec(kl_scope))
+    hidden = torch.randn(11, HIDDEN, generator=generator).bfloat16()
+    outputs = compute_teacher_outputs(logits, tokens, spec(kl_scope), hidden_states=hidden)
     reference, token_reference = brute_force(logits, tokens, 0.7)
 
     assert set(outputs) == set(spec(kl_scope).output_keys)
@@ -46,65 +52,68 @@ def test_outputs_match_float64_brute_force(kl_scope):
     torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY].double(), token_reference, rtol=0, atol=1e-5)
     if kl_scope == "topk":
         top_values, top_indices = reference.sort(dim=-1, descending=True)
-        assert torch.equal(outputs[TEACHER_TOPK_INDICES_KEY], top_indices[:, :4])
+        assert outputs[TEACHER_TOPK_INDICES_KEY].dtype == torch.int32
+        assert torch.equal(outputs[TEACHER_TOPK_INDICES_KEY].long(), top_indices[:, :4])
         torch.testing.assert_close(outputs[TEACHER_TOPK_LOG_PROBS_KEY].double(), top_values[:, :4], rtol=0, atol=1e-5)
-    if kl_scope == "full_vocab":
-        torch.testing.assert_close(outputs[TEACHER_FULL_LOG_PROBS_KEY].double(), reference, rtol=0, atol=1e-5)
+    if kl_scope == "full_vocab":  # the hidden states, kept bit for bit, in their dtype, in a tensor of their own
+        stored = outputs[TEACHER_HIDDEN_STATES_KEY]
+        assert stored.dtype == torch.bfloat16 and torch.equal(stored, hidden)
+        assert stored.data_ptr() != hidden.data_ptr()
+
+
+def test_each_scope_keeps_the_smaller_exact_signal():
+    def signal(**settings):
+        hidden_size, element = settings.pop("hidden", (4096, 2))
+        return teacher_signal(SelfDistillConfig(**settings), hidden_size, element)
+
+    assert signal(kl_scope="sampled_token") == "token"
+    assert signal(kl_scope="full_vocab") == "hidden"
+    assert signal(kl_scope="topk", topk=64) == "topk"  # 512 B against 8192 B
+    assert signal(kl_scope="topk", topk=1024) == "topk"  # 8192 B: equal, the top-K is kept
+    assert signal(kl_scope="topk", topk=1025) == "hidden"
+    assert signal(kl_scope="topk", topk=64, hidden=(32, 4)) == "hidden"  # 512 B against 128 B
+    for support in ("student", "union"):
+        assert signal(kl_scope="topk", topk=8, topk_support=support) == "hidden"
+    # the issue's bound: at most 2 H + 64 bytes per response token, every scope (H = 4096, bf16)
+    for settings in (dict(kl_scope="full_vocab"), dict(kl_scope="topk", topk=64), dict(kl_scope="sampled_token"),
+                     dict(kl_scope="topk", topk=100, topk_support="student"), dict(kl_scope="topk", topk=1025)):
+        assert teacher_bytes_per_token(SelfDistillConfig(**settings), 4096, 2) <= 2 * 4096 + 64
+
+
+def test_model_dtype_bytes_reads_megatrons_params_dtype_then_the_precision_flags():
+    assert model_dtype_bytes(SimpleNamespace(params_dtype=torch.bfloat16)) == 2
+    assert model_dtype_bytes(SimpleNamespace(params_dtype=torch.float32, bf16=True)) == 4
+    assert model_dtype_bytes(SimpleNamespace(bf16=True)) == 2
+    assert model_dtype_bytes(SimpleNamespace(fp16=True)) == 2
+    assert model_dtype_bytes(SimpleNamespace()) == 4
+
+
+def test_the_hidden_store_needs_the_hidden_rows():
+    logits, tokens = torch.randn(3, 29), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"output layer's input \[N=3, H\] at the response rows, got None"):
+        compute_teacher_outputs(logits, tokens, spec("full_vocab"))
+    with pytest.raises(ValueError, match=r"got \(2, 6\)"):
+        compute_teacher_outputs(logits, tokens, spec("full_vocab"), hidden_states=torch.randn(2, 6))
 
 
 def test_bf16_logits_are_upcast_before_the_softmax():
     generator = torch.Generator().manual_seed(2)
     logits = (4 * torch.randn(5, 50, generator=generator)).bfloat16()
     tokens = torch.randint(0, 50, (5,), generator=generator)
-    outputs = compute_teacher_outputs(logits, tokens, spec("full_vocab", temperature=1.3))
-    reference, _ = brute_force(logits.double(), tokens, 1.3)
-    torch.testing.assert_close(outputs[TEACHER_FULL_LOG_PROBS_KEY].double(), reference, rtol=0, atol=1e-5)
+    outputs = compute_teacher_outputs(logits, tokens, spec("topk", temperature=1.3, topk=50))
+    reference, token_reference = brute_force(logits.double(), tokens, 1.3)
+    torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY].double(), token_reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs[TEACHER_TOPK_LOG_PROBS_KEY].double(),
+                               reference.sort(-1, descending=True).values, rtol=0, atol=1e-5)
 
 
 def test_neg_inf_logits_stay_neg_inf_and_do_not_poison_other_rows():
     logits = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 0.5, -math.inf]])
     tokens = torch.tensor([2, 0])
-    outputs = compute_teacher_outputs(logits, tokens, spec("full_vocab", temperature=1.0, chunk_size=8))
-    full = outputs[TEACHER_FULL_LOG_PROBS_KEY]
-    assert full[0, 1] == -math.inf and full[1, 2] == -math.inf
+    outputs = compute_teacher_outputs(logits, tokens, spec("topk", temperature=1.0, chunk_size=8, topk=3))
+    values = outputs[TEACHER_TOPK_LOG_PROBS_KEY]
+    assert values[0, 2] == -math.inf and values[1, 2] == -math.inf
     assert torch.isfinite(outputs[TEACHER_TOKEN_LOG_PROBS_KEY]).all()
-
-
-def test_full_vocab_storage_dtype_error_is_one_rounding():
-    generator = torch.Generator().manual_seed(3)
-    logits = 4 * torch.randn(16, 1000, generator=generator)
-    tokens = torch.randint(0, 1000, (16,), generator=generator)
-    reference, _ = brute_force(logits, tokens, 1.0)
-    for storage, mantissa_bits in (("float16", 10), ("bfloat16", 7)):
-        stored = compute_teacher_outputs(logits, tokens, spec("full_vocab", temperature=1.0, storage=storage))
-        values = stored[TEACHER_FULL_LOG_PROBS_KEY]
-        assert values.dtype == getattr(torch, storage)
-        # round-to-nearest: relative error at most 2^-(mantissa bits + 1), plus the fp32 computation's error
-        bound = reference.abs() * 2.0 ** -(mantissa_bits + 1) + 1e-5
-        assert ((values.double() - reference).abs() <= bound).all()
-        # forward KL(T || S) with S = T computed from the stored values: the storage error's effect on the loss
-        kl = (reference.exp() * (reference - values.double())).sum(-1).abs().max()
-        assert kl < {"float16": 2e-3, "bfloat16": 2e-2}[storage]
-
-
-def test_full_vocab_storage_dtype_error_on_the_forward_kl_gradient():
-    """The number the README reports: relative L1 error of the forward-KL gradient p_S - p_T (w.r.t. the student's
-    logits) when p_T comes from the stored teacher log-probabilities, against float64."""
-    generator = torch.Generator().manual_seed(4)
-    vocab = 32000
-    teacher_logits = 3 * torch.randn(16, vocab, generator=generator)
-    student = torch.log_softmax((teacher_logits + 0.5 * torch.randn(16, vocab, generator=generator)).double(), -1)
-    tokens = torch.randint(0, vocab, (16,), generator=generator)
-    reference, _ = brute_force(teacher_logits, tokens, 1.0)
-    exact_gradient = student.exp() - reference.exp()
-    errors = {}
-    for storage in ("float32", "float16", "bfloat16"):
-        stored = compute_teacher_outputs(teacher_logits, tokens, spec("full_vocab", temperature=1.0, storage=storage))
-        gradient = student.exp() - stored[TEACHER_FULL_LOG_PROBS_KEY].double().exp()
-        errors[storage] = float(((gradient - exact_gradient).abs().sum(-1) / exact_gradient.abs().sum(-1)).max())
-    assert errors["float32"] < 1e-4
-    assert 5e-4 < errors["float16"] < 6e-3  # 0.3-0.4% measured
-    assert 5 * errors["float16"] < errors["bfloat16"] < 5e-2  # 3 mantissa bits fewer: ~8x (2.8% measured)
 
 
 def test_token_outside_the_vocabulary_is_named():
@@ -119,7 +128,7 @@ def test_topk_larger_than_the_vocabulary_is_refused():
 
 def test_non_positive_temperature_is_refused():
     with pytest.raises(ConfigError, match="--rollout-temperature"):
-        TeacherOutputSpec.from_config(SelfDistillConfig(), 0.0)
+        TeacherOutputSpec.from_config(SelfDistillConfig(), 0.0, 4096, 2)
 
 
 # ---------------------------------------------------------------------- context-parallel layout

@@ -325,7 +325,7 @@ def parsed_args(**overrides) -> argparse.Namespace:
         actor_num_nodes=1, actor_num_gpus_per_node=8, tensor_model_parallel_size=2,
         pipeline_model_parallel_size=1, context_parallel_size=1,
         rollout_batch_size=8, n_samples_per_prompt=4, rollout_max_response_len=1000,
-        padded_vocab_size=1000, vocab_size=1000,
+        padded_vocab_size=1000, vocab_size=1000, hidden_size=4096, bf16=True,
         self_distill_kl_scope="topk", self_distill_teacher="live",
     )
     values.update(overrides)
@@ -335,6 +335,9 @@ def parsed_args(**overrides) -> argparse.Namespace:
 def test_parsed_args_pass_and_return_the_config():
     config = validate_parsed_args(parsed_args(self_distill_topk=20))
     assert config == SelfDistillConfig(kl_scope="topk", topk=20, teacher="live")
+    # the sampled-token scope keeps no store: the hidden size is not needed
+    assert validate_parsed_args(parsed_args(self_distill_kl_scope="sampled_token", hidden_size=None)).kl_scope == \
+        "sampled_token"
 
 
 @pytest.mark.parametrize(
@@ -350,6 +353,8 @@ def test_parsed_args_pass_and_return_the_config():
          "--self-distill-teacher ema"),
         (dict(compute_advantages_and_returns=False), "--disable-compute-advantages-and-returns"),
         (dict(self_distill_kl_scope="full_vocab", rollout_max_response_len=None), "--rollout-max-response-len"),
+        (dict(self_distill_kl_scope="full_vocab", hidden_size=None), "chosen and sized by the model's hidden size, "
+                                                                    "which slime's args do not have: set --hidden-size"),
         (dict(actor_num_gpus_per_node=6, tensor_model_parallel_size=4), "not divisible by TP x PP x CP = 4"),
         (dict(self_distill_topk="20"), "--self-distill-topk"),  # a YAML string where an int belongs
         (dict(use_critic=True), "trains a critic"),
@@ -364,13 +369,13 @@ def test_parsed_args_errors_name_the_flag(overrides, flag):
 
 
 def full_vocab_store_bytes(args) -> int:
-    """Brute-force host-memory estimate of the full_vocab teacher store per node (training-hooks README formula)."""
+    """Brute-force host-memory estimate of the full_vocab teacher store per node (README "Memory": the teacher's final
+    hidden state, H bf16 values, per response token of the rank's share)."""
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     dp = world // (tp * args.pipeline_model_parallel_size * cp)
     samples = args.rollout_batch_size * args.n_samples_per_prompt
-    per_rank = (math.ceil(samples / dp) * math.ceil(args.rollout_max_response_len / cp)
-                * math.ceil(args.padded_vocab_size / tp) * 2)  # float16
+    per_rank = math.ceil(samples / dp) * math.ceil(args.rollout_max_response_len / cp) * args.hidden_size * 2
     return per_rank * min(args.actor_num_gpus_per_node, dp * tp * cp)
 
 
@@ -380,8 +385,9 @@ def test_full_vocab_host_memory_is_checked_with_the_actor_data_parallel_size():
     args.self_distill_host_memory_budget_gb = needed_gib * 1.01
     assert validate_parsed_args(args).kl_scope == "full_vocab"
     args.self_distill_host_memory_budget_gb = needed_gib * 0.99
-    with pytest.raises(ConfigError, match="(?s)keep more in host memory.*full_vocab teacher store.*"
-                                          "--self-distill-kl-scope topk --self-distill-topk 64"):
+    with pytest.raises(ConfigError, match="(?s)keep more in host memory.*teacher hidden-state store \\(full_vocab\\).*"
+                                          "--self-distill-kl-scope topk --self-distill-topk-support teacher "
+                                          "--self-distill-topk 64"):
         validate_parsed_args(args)
     args.debug_rollout_only = True  # no training actors: nothing is stored
     assert validate_parsed_args(args).kl_scope == "full_vocab"
@@ -482,6 +488,7 @@ def test_plugin_flags_and_defaults_parse_with_slimes_real_arguments():
     assert "90% of the memory" in slime_parser().format_help()
     # Megatron adds the parallel sizes; everything else the checks read comes from slime's parser.
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size = 2, 1, 1
+    args.hidden_size = 4096
     args.opd_type = "megatron"
     with pytest.raises(ConfigError, match="--self-distill-teacher ema builds the teacher from the student"):
         validate_parsed_args(args)

@@ -190,6 +190,24 @@ def vocab_parallel_topk(values: torch.Tensor, k: int, tp_group=None) -> tuple[to
     return top_values, local_ids.gather(-1, position)
 
 
+# ---------------------------------------------------------------------- teachers of the full-vocabulary kernel
+class TeacherLogProbs:
+    """A teacher given as its log-probabilities ``[N, V_local]`` (this rank's shard; any float dtype, ``-inf``
+    allowed). ``core.teacher_logits.TeacherHiddenStates`` is the other kind: the same ``chunk`` method, recomputing
+    the log-probabilities from the teacher's final hidden states."""
+
+    def __init__(self, log_probs: torch.Tensor):
+        self.log_probs = log_probs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.log_probs.shape)
+
+    def chunk(self, rows: slice, work: "_ChunkWorkspace", tp_group) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(log-probabilities of ``rows`` in the compute dtype, their exponential if already at hand, else None)."""
+        return work.as_compute(self.log_probs[rows], "teacher"), None
+
+
 # ---------------------------------------------------------------------- results
 @dataclass
 class TokenDivergence:
@@ -203,19 +221,25 @@ class TokenDivergence:
     student_entropy: torch.Tensor
     # Detached log p_student(sampled token).
     student_token_log_probs: torch.Tensor
-    # topk: detached teacher probability mass inside its top-K; None for the other scopes.
+    # topk: detached teacher probability mass inside the top-K support; None for the other scopes.
     teacher_captured_mass: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------- full vocabulary
-def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, term_clip, tp_group, grad_out, scratch):
-    """One chunk of rows: returns (loss value, divergence, entropy, student token log-prob, gradient scale); writes
+def _full_vocab_chunk(z, t, t_exp, sampled_local, sampled_in_shard, kind, alpha, term_clip, tp_group, grad_out,
+                      scratch):
+    """One chunk of rows (``t_exp``: exp(t) when the teacher already computed it, else None): returns (loss value,
+    divergence, entropy, student token log-prob, gradient scale); writes
     the gradient of the loss value w.r.t. ``z``, divided by that scale, into ``grad_out`` when given. The loss value
     is the divergence, or with ``term_clip`` (forward KL only) the sum over the vocabulary of each entry's term
     clamped at ``term_clip``. ``scratch``: the call's ``_ChunkWorkspace``. Everything is computed in place: this loop
     is memory-bound."""
     rows = z.shape[0]
     p, teacher_p, score = (scratch.get(name, rows) for name in ("p", "teacher_p", "score"))
+
+    def teacher_probs():
+        return t_exp if t_exp is not None else torch.exp(t, out=teacher_p)
+
     row_max, p = _row_log_normalizer(z, tp_group, p)  # p holds exp(z - max) until normalized below
     token_logit = torch.where(sampled_in_shard, z.gather(-1, sampled_local.unsqueeze(-1)).squeeze(-1), 0.0)
     # NaN-repaired rows are those with a -inf logit (exp(-inf) = 0): their gradient needs the same care below.
@@ -229,7 +253,7 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, term_c
     p.div_(sum_exp.unsqueeze(-1))
 
     if kind == "forward_kl" and term_clip is not None:
-        teacher_p = torch.exp(t, out=teacher_p)
+        teacher_p = teacher_probs()
         # per entry T_v (t_v - log p_v), 0 where T_v = 0 (t_v = -inf); clamped at term_clip before the sum
         term = torch.sub(t, z, out=score).add_(lse.unsqueeze(-1)).mul_(teacher_p).masked_fill_(teacher_p == 0, 0.0)
         kept = term <= term_clip  # a clamped entry gives no gradient
@@ -242,7 +266,7 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, term_c
         return value, divergence, entropy, token_logit - lse, 1.0
 
     if kind == "forward_kl":
-        teacher_p = torch.exp(t, out=teacher_p)
+        teacher_p = teacher_probs()
         # sum_v T_v (t_v - log p_v) with log p_v = z_v - lse, without materializing log p
         teacher_mass = teacher_p.sum(-1)
         cross = _row_dot(teacher_p, t) - _row_dot(teacher_p, z)
@@ -262,7 +286,7 @@ def _full_vocab_chunk(z, t, sampled_local, sampled_in_shard, kind, alpha, term_c
         mean_score = value  # sum_v p_v score_v is the divergence itself
         score_scale = 1.0
     else:
-        teacher_p = torch.exp(t, out=teacher_p)
+        teacher_p = teacher_probs()
         # M = alpha T + (1 - alpha) p, floored at the smallest normal float where both probabilities have
         # underflowed (every term they weight is zero anyway).
         log_mix = torch.lerp(p, teacher_p, alpha, out=score).clamp_(min=torch.finfo(p.dtype).tiny).log_()
@@ -288,7 +312,7 @@ class _FullVocabDivergence(torch.autograd.Function):
     nothing is recomputed); backward scales it by the incoming per-row gradient."""
 
     @staticmethod
-    def forward(ctx, logits, teacher_log_probs, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size):
+    def forward(ctx, logits, teacher, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size):
         cd = _compute_dtype(logits)
         n = logits.shape[0]
         need_grad = ctx.needs_input_grad[0]
@@ -304,8 +328,9 @@ class _FullVocabDivergence(torch.autograd.Function):
             grad_rows = None
             if need_grad:
                 grad_rows = grad[rows] if grad.dtype == cd else work.get("grad", rows.stop - rows.start)
+            t, t_exp = teacher.chunk(rows, work, tp_group)
             value[rows], divergence[rows], entropy[rows], token_log_probs[rows], gradient_scale = _full_vocab_chunk(
-                work.as_compute(logits[rows], "logits"), work.as_compute(teacher_log_probs[rows], "teacher"),
+                work.as_compute(logits[rows], "logits"), t, t_exp,
                 sampled_local[rows], sampled_in_shard[rows], kind, alpha, term_clip, tp_group, grad_rows, work,
             )
             if need_grad and grad_rows.dtype != grad.dtype:
@@ -325,7 +350,7 @@ class _FullVocabDivergence(torch.autograd.Function):
 def full_vocab_divergence(
     logits: torch.Tensor,
     sampled_tokens: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
+    teacher,
     *,
     divergence: str,
     alpha: float,
@@ -333,8 +358,9 @@ def full_vocab_divergence(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     term_clip: Optional[float] = None,
 ) -> TokenDivergence:
-    """Exact divergence over the whole vocabulary. ``teacher_log_probs`` ``[N, V_local]``: this shard of the
-    teacher's log-softmax (any float dtype; ``-inf`` allowed).
+    """Exact divergence over the whole vocabulary. ``teacher``: this shard of the teacher's log-softmax
+    ``[N, V_local]`` (a tensor of any float dtype, ``-inf`` allowed, or a ``TeacherLogProbs``), or a
+    ``core.teacher_logits.TeacherHiddenStates``, whose logits are recomputed one chunk of rows at a time.
 
     ``term_clip`` (forward KL only; OPSD's ``jsd_token_clip``): the loss terms are ``sum_v min(T_v (log T_v - log
     S_v), term_clip)``, whose clamped entries give no gradient; ``divergence`` stays the unclamped KL."""
@@ -343,11 +369,13 @@ def full_vocab_divergence(
         raise ValueError("mixed_kl is computed on the top-K support only (kl_scope topk)")
     if term_clip is not None and kind != "forward_kl":
         raise ValueError(f"term_clip clamps the entries of the forward KL; got divergence {divergence!r}")
-    if teacher_log_probs.shape != logits.shape:
-        raise ValueError(f"teacher_log_probs has shape {tuple(teacher_log_probs.shape)}, expected the student's "
+    if isinstance(teacher, torch.Tensor):
+        teacher = TeacherLogProbs(teacher)
+    if tuple(teacher.shape) != tuple(logits.shape):
+        raise ValueError(f"the teacher's log-probabilities have shape {tuple(teacher.shape)}, expected the student's "
                          f"{tuple(logits.shape)} (rows x this rank's vocabulary shard)")
     value, kl, entropy, token_log_probs = _FullVocabDivergence.apply(
-        logits, teacher_log_probs, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size
+        logits, teacher, sampled_tokens, kind, alpha, term_clip, tp_group, chunk_size
     )
     return TokenDivergence(
         loss_terms=value,
@@ -413,38 +441,55 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=tiny))
 
 
-def _categorical_divergence(student_log_probs, teacher_log_probs, kind, alpha):
-    """Divergence between two distributions given on the same (small) categorical support, last dim."""
-    student_p = student_log_probs.exp()
-    teacher_p = teacher_log_probs.exp()
+def _categorical_divergence(student_log_probs, teacher_log_probs, kind, alpha, present=None):
+    """Divergence between two distributions given on the same (small) categorical support, last dim. ``present``
+    (bool, same shape, or None for all): the categories that exist; the others contribute nothing and get no
+    gradient (they are read as probability 0 without ever forming an infinity, which would poison the backward)."""
+    if present is not None:
+        student_log_probs = torch.where(present, student_log_probs, 0.0)
+        teacher_log_probs = torch.where(present, teacher_log_probs, 0.0)
+    exists = torch.ones_like(student_log_probs, dtype=torch.bool) if present is None else present
+    student_p = torch.where(exists, student_log_probs.exp(), 0.0)
+    teacher_p = torch.where(exists, teacher_log_probs.exp(), 0.0)
     if kind == "forward_kl":
         return torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - student_log_probs), 0.0).sum(-1)
     if kind == "reverse_kl":
         floored = teacher_log_probs.clamp(min=TEACHER_LOG_PROB_FLOOR)
         return torch.where(student_p > 0, student_p * (student_log_probs - floored), 0.0).sum(-1)
     if kind == "mixed_kl":
-        return ((1.0 - alpha) * _categorical_divergence(student_log_probs, teacher_log_probs, "forward_kl", alpha)
-                + alpha * _categorical_divergence(student_log_probs, teacher_log_probs, "reverse_kl", alpha))
+        return ((1.0 - alpha) * _categorical_divergence(student_log_probs, teacher_log_probs, "forward_kl", alpha,
+                                                        present)
+                + alpha * _categorical_divergence(student_log_probs, teacher_log_probs, "reverse_kl", alpha, present))
     log_mix = torch.logaddexp(teacher_log_probs + math.log(alpha), student_log_probs + math.log1p(-alpha))
     teacher_part = torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - log_mix), 0.0).sum(-1)
     student_part = torch.where(student_p > 0, student_p * (student_log_probs - log_mix), 0.0).sum(-1)
     return alpha * teacher_part + (1.0 - alpha) * student_part
 
 
+def _masked_logsumexp(log_probs: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
+    if present is not None:
+        log_probs = log_probs.masked_fill(~present, -math.inf)
+    return torch.logsumexp(log_probs, -1, keepdim=True)
+
+
 def topk_divergence(
     logits: torch.Tensor,
     sampled_tokens: torch.Tensor,
-    teacher_topk_log_probs: torch.Tensor,
-    teacher_topk_indices: torch.Tensor,
+    teacher_support_log_probs: torch.Tensor,
+    support_ids: torch.Tensor,
     *,
     divergence: str,
     alpha: float,
     tp_group=None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tail: str = "bucket",
+    present: Optional[torch.Tensor] = None,
 ) -> TokenDivergence:
-    """The divergence on the teacher's K tokens plus, with ``tail="bucket"``, one tail bucket holding the remaining
-    mass of each side; with ``tail="renormalize"``, both sides renormalized over the K tokens (no tail).
+    """The divergence on a support of K tokens per row (``support_ids`` [N, K], global vocabulary ids, with the
+    teacher's log-probabilities there, ``teacher_support_log_probs`` [N, K]) plus, with ``tail="bucket"``, one tail
+    bucket holding the remaining mass of each side; with ``tail="renormalize"``, both sides renormalized over the
+    support (no tail). ``present`` [N, K] bool (None: all): which entries belong to the support (a union of two
+    top-K sets pads each row with repeated ids, marked absent).
 
     Merging categories can only lower a KL, so the bucket form is a lower bound of the full-vocabulary value. The
     student's log-probabilities come from its full sharded log-softmax, so the bucket form's gradient reaches every
@@ -454,30 +499,36 @@ def topk_divergence(
     if tail not in TOPK_TAILS:
         raise ValueError(f"unknown top-K tail {tail!r}; choose one of {', '.join(TOPK_TAILS)}")
     n = logits.shape[0]
-    if teacher_topk_log_probs.shape != teacher_topk_indices.shape or teacher_topk_log_probs.shape[:1] != (n,):
+    if teacher_support_log_probs.shape != support_ids.shape or teacher_support_log_probs.shape[:1] != (n,):
         raise ValueError(
-            f"teacher_topk_log_probs {tuple(teacher_topk_log_probs.shape)} and teacher_topk_indices "
-            f"{tuple(teacher_topk_indices.shape)} must both be [{n}, K]"
+            f"teacher_support_log_probs {tuple(teacher_support_log_probs.shape)} and support_ids "
+            f"{tuple(support_ids.shape)} must both be [{n}, K]"
         )
-    ids = torch.cat([teacher_topk_indices.long(), sampled_tokens.long().unsqueeze(-1)], -1)
+    if present is not None and present.shape != support_ids.shape:
+        raise ValueError(f"present {tuple(present.shape)} must have the support's shape {tuple(support_ids.shape)}")
+    ids = torch.cat([support_ids.long(), sampled_tokens.long().unsqueeze(-1)], -1)
     log_probs, entropy = vocab_parallel_log_probs_at(logits, ids, tp_group, chunk_size)
-    student_topk, student_token = log_probs[:, :-1], log_probs[:, -1]
-    teacher_topk = teacher_topk_log_probs.to(log_probs.dtype)
+    student_support, student_token = log_probs[:, :-1], log_probs[:, -1]
+    teacher_support = teacher_support_log_probs.to(log_probs.dtype)
     if tail == "bucket":
-        teacher_tail = _log1mexp(torch.logsumexp(teacher_topk, -1, keepdim=True))
-        student_tail = _log1mexp(torch.logsumexp(student_topk, -1, keepdim=True))
-        value = _categorical_divergence(
-            torch.cat([student_topk, student_tail], -1), torch.cat([teacher_topk, teacher_tail], -1), kind, alpha
-        )
+        teacher_tail = _log1mexp(_masked_logsumexp(teacher_support, present))
+        student_tail = _log1mexp(_masked_logsumexp(student_support, present))
+        with_tail = None if present is None else torch.cat([present, present.new_ones(n, 1)], -1)
+        value = _categorical_divergence(torch.cat([student_support, student_tail], -1),
+                                        torch.cat([teacher_support, teacher_tail], -1), kind, alpha, with_tail)
     else:
-        value = _categorical_divergence(torch.log_softmax(student_topk, -1), torch.log_softmax(teacher_topk, -1),
-                                        kind, alpha)
+        value = _categorical_divergence(student_support - _masked_logsumexp(student_support, present),
+                                        teacher_support - _masked_logsumexp(teacher_support, present),
+                                        kind, alpha, present)
+    teacher_mass = teacher_support.exp()
+    if present is not None:
+        teacher_mass = torch.where(present, teacher_mass, 0.0)
     return TokenDivergence(
         loss_terms=value,
         divergence=value.detach(),
         student_entropy=entropy,
         student_token_log_probs=student_token.detach(),
-        teacher_captured_mass=teacher_topk.exp().sum(-1),
+        teacher_captured_mass=teacher_mass.sum(-1),
     )
 
 

@@ -17,7 +17,9 @@ only while the actors sleep (``--offload-train``, the default with ``--colocate`
     torch_memory_saver's CPU backup of the GPU optimizer state (fp32 main parameters + Adam moments, 12 B per element
     of the rank's optimizer shard); slime's parameter and gradient buffers are excluded from it.
 only from the teacher pass to the end of training (last pipeline stage)
-    the teacher store: V/TP log-probabilities per response token for 'full_vocab', K values + K ids for 'topk'.
+    the teacher store, per response token (``teacher_outputs.teacher_bytes_per_token``): the sampled token's fp32
+    log-prob, plus the final hidden state (H values in the model's dtype) for 'full_vocab' and the student / union
+    top-K supports, or K fp32 values + K int32 ids for the teacher's own top-K when that is smaller.
 
 The node's peak is the sum over its ranks of what is held for the whole run plus the larger of the two phases. It is
 compared with ``--self-distill-host-memory-budget-gb``, else with 90% of the memory available on the node when the
@@ -27,14 +29,18 @@ or the room left in the container's cgroup when that is smaller.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-import torch
-
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.trainer.teacher_outputs import STORAGE_DTYPES
+from slime_self_distill.trainer.teacher_outputs import (
+    TOKEN_LOG_PROB_BYTES,
+    model_dtype_bytes,
+    teacher_bytes_per_token,
+    teacher_signal,
+)
 
 GIB = 1 << 30
 AVAILABLE_FRACTION = 0.9  # of the measured available memory, when no budget is given
@@ -134,18 +140,30 @@ def optimizer_elements(tensors: Sequence[TensorInfo], args: Any, parallel: Paral
     )
 
 
+def hidden_size_of(args: Any) -> int:
+    hidden_size = getattr(args, "hidden_size", None)
+    if not hidden_size:
+        raise ConfigError("the teacher store is sized by the model's hidden size: set --hidden-size (slime's model "
+                          "scripts, e.g. scripts/models/qwen3-8B.sh, do)")
+    return hidden_size
+
+
 def teacher_store_bytes(args: Any, config: SelfDistillConfig, parallel: Parallel) -> int:
     """One rank's teacher store: its data-parallel share of the rollout's samples x its context-parallel share of
-    the longest response x the bytes per response token (0 outside the last pipeline stage and for sampled_token)."""
+    the longest response x the bytes per response token (0 outside the last pipeline stage and for sampled_token,
+    whose 4 B per token stay on the device)."""
     if not parallel.last_pipeline_stage or config.kl_scope == "sampled_token":
         return 0
     samples = args.rollout_batch_size * args.n_samples_per_prompt
     rows = -(-samples // parallel.dp) * -(-args.rollout_max_response_len // parallel.cp)
-    if config.kl_scope == "topk":
-        return rows * config.topk * (4 + 8)  # fp32 value + int64 id
-    vocab = getattr(args, "padded_vocab_size", None) or args.vocab_size
-    element = torch.empty((), dtype=STORAGE_DTYPES[config.full_vocab_storage_dtype]).element_size()
-    return rows * -(-vocab // parallel.tp) * element
+    per_token = teacher_bytes_per_token(config, hidden_size_of(args), model_dtype_bytes(args))
+    return rows * (per_token - TOKEN_LOG_PROB_BYTES)  # the token log-probs are kept on the device
+
+
+def store_description(args: Any, config: SelfDistillConfig) -> str:
+    """What the teacher store holds, for messages: 'teacher hidden-state store' or 'top-K teacher store'."""
+    signal = teacher_signal(config, hidden_size_of(args), model_dtype_bytes(args))
+    return {"hidden": "teacher hidden-state store", "topk": "teacher top-K store", "token": "teacher store"}[signal]
 
 
 def rank_host_memory(args: Any, config: SelfDistillConfig, tensors: Sequence[TensorInfo],
@@ -168,7 +186,7 @@ def rank_host_memory(args: Any, config: SelfDistillConfig, tensors: Sequence[Ten
                           int((1 - offload_fraction) * elements) * (FP32_BYTES + ADAM_MOMENTS_BYTES), WHILE_ASLEEP))
     store = teacher_store_bytes(args, config, parallel)
     if store:
-        items.append(Item(f"{config.kl_scope} teacher store", store, WHILE_TRAINING))
+        items.append(Item(f"{store_description(args, config)} ({config.kl_scope})", store, WHILE_TRAINING))
     return RankHostMemory(tuple(items))
 
 
@@ -255,7 +273,7 @@ def node_budget_bytes(node: NodeHostMemory, config: SelfDistillConfig) -> int:
 
 
 def _gib(nbytes: int) -> str:
-    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def describe_node(node: NodeHostMemory, config: SelfDistillConfig) -> str:
@@ -270,14 +288,18 @@ def describe_node(node: NodeHostMemory, config: SelfDistillConfig) -> str:
 
 def alternatives(args: Any, config: SelfDistillConfig, parallel: Parallel) -> list[str]:
     options = []
-    if config.kl_scope == "full_vocab":
-        topk = SelfDistillConfig(kl_scope="topk", topk=config.topk)
-        per_rank = teacher_store_bytes(args, topk, parallel)
-        options.append(f"{flag_name('kl_scope')} topk {flag_name('topk')} {config.topk} (a teacher store of about "
-                       f"{_gib(per_rank)} per rank instead of {_gib(teacher_store_bytes(args, config, parallel))})")
     if config.kl_scope != "sampled_token":
+        hidden = teacher_signal(config, hidden_size_of(args), model_dtype_bytes(args)) == "hidden"
+        if hidden:
+            topk = dataclasses.replace(config, kl_scope="topk", topk_support="teacher", topk=min(config.topk, 64))
+            if teacher_signal(topk, hidden_size_of(args), model_dtype_bytes(args)) == "topk":
+                options.append(
+                    f"{flag_name('kl_scope')} topk {flag_name('topk_support')} teacher {flag_name('topk')} {topk.topk} "
+                    f"(a teacher store of about {_gib(teacher_store_bytes(args, topk, parallel))} per rank instead of "
+                    f"{_gib(teacher_store_bytes(args, config, parallel))}, but the teacher's support only)")
         options.append("fewer samples per rollout or shorter responses (--rollout-batch-size, --n-samples-per-prompt, "
                        "--rollout-max-response-len): the teacher store scales with them")
+        options.append("more data or context parallelism (--context-parallel-size splits every response's rows)")
     if config.teacher == "ema":
         options.append(f"{flag_name('teacher')} frozen or live (the EMA keeps a pinned tag and an fp32 shadow: "
                        "6 B per parameter)")

@@ -1,15 +1,20 @@
-"""From the teacher's logits on the teacher sequence to the teacher inputs of the loss, in the student's layout.
+"""From the teacher pass to the teacher inputs of the loss, in the student's layout.
 
 Pure torch (plus optional process groups); no slime import. The Megatron glue (``megatron_hooks``) feeds it the
-response rows of the teacher's logits, one sample at a time, as slime's ``get_responses`` extracts them.
+response rows of the teacher's logits and of its final hidden states (the output layer's input), one sample at a
+time, as slime's ``get_responses`` extracts them.
 
-Per sample, with ``R`` response tokens and this tensor-parallel rank's vocabulary shard of ``V_local`` columns:
+What is kept per response token between the teacher pass and the training step (``teacher_signal``):
 
-* ``teacher_log_probs`` [R] fp32: log p_teacher(y_t) of the student's sampled token, always;
-* ``teacher_topk_log_probs`` [R, K] fp32 and ``teacher_topk_indices`` [R, K] int64 (global vocabulary ids), for the
-  'topk' scope: the teacher's K most likely tokens over the whole (sharded) vocabulary, identical on every TP rank;
-* ``teacher_full_log_probs`` [R, V_local] in ``full_vocab_storage_dtype``, for the 'full_vocab' scope: this rank's
-  shard of the teacher's log-softmax.
+* always ``teacher_log_probs`` [R] fp32: log p_teacher(y_t) of the student's sampled token (metrics, and the
+  'sampled_token' scope);
+* 'topk' scope with the teacher's own support, when K entries are smaller than a hidden state
+  (8 K <= H x the model dtype's bytes): ``teacher_topk_log_probs`` [R, K] fp32 and ``teacher_topk_indices``
+  [R, K] int32 (global vocabulary ids), identical on every TP rank;
+* otherwise ('full_vocab', the student's and the union top-K supports, a teacher-support top-K larger than a hidden
+  state): ``teacher_hidden_states`` [R, H] in the model's dtype, and once per rollout this rank's shard of the
+  teacher's output layer [V/TP, H] on the device; the loss recomputes the exact logits from them
+  (``core.teacher_logits``).
 
 Everything is at the rollout temperature (logits / temperature), like slime's own log-probabilities.
 
@@ -22,7 +27,7 @@ sequence is longer than the student's, so its rows are re-laid-out to the studen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,48 +40,83 @@ from slime_self_distill.core.divergences import (
     vocab_parallel_topk,
 )
 from slime_self_distill.teacher_view import (
-    TEACHER_FULL_LOG_PROBS_KEY,
+    TEACHER_HIDDEN_STATES_KEY,
     TEACHER_TOKEN_LOG_PROBS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
 )
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Keys kept in host memory between the teacher pass and the training step (moved to the GPU per micro-batch). The
 # memory is pageable, not pinned: PyTorch's pinned-memory allocator rounds every block up to a power of two (up to
 # 2x the store), while pageable memory costs exactly what ``host_memory`` counts.
-HOST_KEYS = (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY, TEACHER_FULL_LOG_PROBS_KEY)
+HOST_KEYS = (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY, TEACHER_HIDDEN_STATES_KEY)
+TOKEN_LOG_PROB_BYTES = 4  # fp32, every scope
+TOPK_ENTRY_BYTES = 8  # fp32 log-probability + int32 id
+SIGNALS = ("token", "topk", "hidden")
+
+
+def model_dtype_bytes(args: Any) -> int:
+    """Bytes per element of the model's activations (the output layer's input): Megatron's ``params_dtype``, else
+    2 with --bf16 / --fp16, else 4."""
+    dtype = getattr(args, "params_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    return 2 if getattr(args, "bf16", False) or getattr(args, "fp16", False) else 4
+
+
+def teacher_signal(config: SelfDistillConfig, hidden_size: int, hidden_element_size: int) -> str:
+    """What the teacher pass keeps per response token besides the sampled token's log-probability (module
+    docstring): 'token' (nothing more), 'topk' (the teacher's K log-probabilities and ids) or 'hidden' (its final
+    hidden state): for each scope, the smaller exact signal."""
+    if config.kl_scope == "sampled_token":
+        return "token"
+    if (config.kl_scope == "topk" and config.topk_support == "teacher"
+            and TOPK_ENTRY_BYTES * config.topk <= hidden_size * hidden_element_size):
+        return "topk"
+    return "hidden"
+
+
+def teacher_bytes_per_token(config: SelfDistillConfig, hidden_size: int, hidden_element_size: int) -> int:
+    """Bytes the teacher pass keeps per response token and rank (host memory, plus the 4 B token log-prob)."""
+    extra = {"token": 0, "topk": TOPK_ENTRY_BYTES * config.topk, "hidden": hidden_size * hidden_element_size}
+    return TOKEN_LOG_PROB_BYTES + extra[teacher_signal(config, hidden_size, hidden_element_size)]
 
 
 @dataclass(frozen=True)
 class TeacherOutputSpec:
-    """What the teacher pass produces; built from the configuration and slime's ``--rollout-temperature``."""
+    """What the teacher pass produces; built from the configuration and slime's ``--rollout-temperature``,
+    ``--hidden-size`` and model dtype."""
 
-    kl_scope: str
+    signal: str
     topk: int
     temperature: float
     chunk_size: int
-    full_vocab_storage_dtype: torch.dtype
 
     @classmethod
-    def from_config(cls, config: SelfDistillConfig, temperature: float) -> "TeacherOutputSpec":
+    def from_config(cls, config: SelfDistillConfig, temperature: float, hidden_size: int,
+                    hidden_element_size: int) -> "TeacherOutputSpec":
         if not temperature > 0:
             raise ConfigError(f"--rollout-temperature must be > 0 for teacher log-probabilities, got {temperature}")
         return cls(
-            kl_scope=config.kl_scope,
+            signal=teacher_signal(config, hidden_size, hidden_element_size),
             topk=config.topk,
             temperature=float(temperature),
             chunk_size=config.chunk_size,
-            full_vocab_storage_dtype=STORAGE_DTYPES[config.full_vocab_storage_dtype],
         )
+
+    @classmethod
+    def from_args(cls, args: Any, config: SelfDistillConfig) -> "TeacherOutputSpec":
+        # the hidden size decides only between a stored top-K and hidden states (never for sampled_token)
+        return cls.from_config(config, args.rollout_temperature, getattr(args, "hidden_size", None) or 0,
+                               model_dtype_bytes(args))
 
     @property
     def output_keys(self) -> tuple[str, ...]:
         extra = {
-            "full_vocab": (TEACHER_FULL_LOG_PROBS_KEY,),
+            "hidden": (TEACHER_HIDDEN_STATES_KEY,),
             "topk": (TEACHER_TOPK_LOG_PROBS_KEY, TEACHER_TOPK_INDICES_KEY),
-            "sampled_token": (),
-        }[self.kl_scope]
+            "token": (),
+        }[self.signal]
         return (TEACHER_TOKEN_LOG_PROBS_KEY, *extra)
 
 
@@ -86,13 +126,15 @@ def compute_teacher_outputs(
     tokens: torch.Tensor,
     spec: TeacherOutputSpec,
     tp_group: Optional[dist.ProcessGroup] = None,
+    hidden_states: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Teacher outputs of one sample's response rows that this rank holds (the teacher sequence's CP layout).
 
     ``logits`` [N, V_local]: the teacher's raw logits (not divided by temperature) at the positions that predict the
-    response tokens ``tokens`` [N] (global vocabulary ids). Rows are processed ``spec.chunk_size`` at a time, so the
-    fp32 log-softmax never exceeds chunk_size x V_local on the device. ``teacher_log_probs`` stays on
-    ``logits.device``; the ``HOST_KEYS`` outputs are written chunk by chunk to host memory.
+    response tokens ``tokens`` [N] (global vocabulary ids); ``hidden_states`` [N, H]: the output layer's input at the
+    same positions (needed for the 'hidden' signal). Rows are processed ``spec.chunk_size`` at a time, so the fp32
+    log-softmax never exceeds chunk_size x V_local on the device. ``teacher_log_probs`` stays on ``logits.device``;
+    the ``HOST_KEYS`` outputs go to host memory.
     """
     if logits.dim() != 2 or tokens.dim() != 1 or logits.size(0) != tokens.size(0):
         raise ValueError(
@@ -100,17 +142,22 @@ def compute_teacher_outputs(
         )
     num_rows, vocab_local = logits.shape
     _, tp_size = group_rank_and_size(tp_group)
-    if spec.kl_scope == "topk" and spec.topk > vocab_local * tp_size:
+    if spec.signal == "topk" and spec.topk > vocab_local * tp_size:
         raise ConfigError(
             f"{flag_name('topk')} {spec.topk} is larger than the vocabulary ({vocab_local * tp_size}); use a smaller K"
         )
 
     outputs = {TEACHER_TOKEN_LOG_PROBS_KEY: torch.empty(num_rows, dtype=torch.float32, device=logits.device)}
-    if spec.kl_scope == "topk":
+    if spec.signal == "hidden":
+        if hidden_states is None or hidden_states.dim() != 2 or hidden_states.size(0) != num_rows:
+            shape = None if hidden_states is None else tuple(hidden_states.shape)
+            raise ValueError(f"the hidden-state teacher store needs the output layer's input [N={num_rows}, H] at the "
+                             f"response rows, got {shape}")
+        # a copy of its own: a view would keep the whole packed micro-batch alive
+        outputs[TEACHER_HIDDEN_STATES_KEY] = hidden_states.to("cpu", copy=True)
+    elif spec.signal == "topk":
         outputs[TEACHER_TOPK_LOG_PROBS_KEY] = torch.empty(num_rows, spec.topk, dtype=torch.float32)
-        outputs[TEACHER_TOPK_INDICES_KEY] = torch.empty(num_rows, spec.topk, dtype=torch.int64)
-    elif spec.kl_scope == "full_vocab":
-        outputs[TEACHER_FULL_LOG_PROBS_KEY] = torch.empty(num_rows, vocab_local, dtype=spec.full_vocab_storage_dtype)
+        outputs[TEACHER_TOPK_INDICES_KEY] = torch.empty(num_rows, spec.topk, dtype=torch.int32)
 
     for start in range(0, num_rows, spec.chunk_size):
         end = min(start + spec.chunk_size, num_rows)
@@ -129,12 +176,10 @@ def compute_teacher_outputs(
                 f"{vocab_local * tp_size}; the teacher tokens must come from the student's tokenizer"
             )
         outputs[TEACHER_TOKEN_LOG_PROBS_KEY][start:end] = picked_and_owner_count[:, 0]
-        if spec.kl_scope == "topk":
+        if spec.signal == "topk":
             values, indices = vocab_parallel_topk(log_probs, spec.topk, tp_group)
             outputs[TEACHER_TOPK_LOG_PROBS_KEY][start:end] = values
             outputs[TEACHER_TOPK_INDICES_KEY][start:end] = indices
-        elif spec.kl_scope == "full_vocab":
-            outputs[TEACHER_FULL_LOG_PROBS_KEY][start:end] = log_probs.to(spec.full_vocab_storage_dtype)
     return outputs
 
 
