@@ -6,19 +6,14 @@ picked per row with Python sorting and sets, and every divergence is summed over
 entries plus the tail bucket, or both sides renormalized) with autograd giving the reference gradients. Real gloo
 groups at TP=2 and TP=4 must reproduce TP=1; bad arguments raise named ValueErrors."""
 
-import io
 import math
-import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from slime_self_distill.core.divergences import full_vocab_divergence, topk_divergence
 from slime_self_distill.core.teacher_logits import TeacherHiddenStates, TopKSupport, teacher_support
+from tests.gloo_results import gather_from_ranks
 
 SUPPORTS = ["teacher", "student", "union"]
 TAILS = ["bucket", "renormalize"]
@@ -438,12 +433,6 @@ def test_bad_arguments_raise_named_value_errors():
 TP_ROWS, TP_VOCAB, TP_HIDDEN, TP_K, TP_CHUNK = 10, 24, 6, 8, 3  # K > V_local at TP=4 (6 columns a rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _sharded_results(rank: int, world: int, group) -> dict:
     """Everything at this rank's vocabulary shard (the whole vocabulary at TP=1): replicated values, supports, and
     this rank's gradient shard."""
@@ -484,35 +473,6 @@ def _sharded_results(rank: int, world: int, group) -> dict:
     return results
 
 
-def _tensor_parallel_worker(rank, world, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        results = _sharded_results(rank, world, dist.group.WORLD)
-        buffer = io.BytesIO()  # tensors travel as bytes: a tensor shared through the queue dies with the worker
-        torch.save(results, buffer)
-        queue.put((rank, buffer.getvalue()))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))
-
-
-def _spawn(world: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    processes = [ctx.Process(target=_tensor_parallel_worker, args=(rank, world, port, queue)) for rank in range(world)]
-    for process in processes:
-        process.start()
-    outputs = dict(queue.get(timeout=240) for _ in range(world))
-    for process in processes:
-        process.join(timeout=60)
-    for rank, out in outputs.items():
-        if isinstance(out, str):
-            pytest.fail(f"rank {rank} failed:\n{out}")
-    return {rank: torch.load(io.BytesIO(out)) for rank, out in outputs.items()}
-
-
 def _shard_of(key, value, rank: int, world: int):
     """The TP=1 counterpart of a rank's result: gradients [N, V] and log-probs are cut to the rank's columns."""
     shard = TP_VOCAB // world
@@ -537,7 +497,7 @@ def test_vocabulary_sharded_hidden_state_teacher_equals_single_rank(world):
         student_ids = ref_top_ids(logits[row].tolist(), TP_K)
         for name, ids in [("teacher", teacher_ids), ("student", student_ids), ("union", teacher_ids + student_ids)]:
             assert expected[("support", name, TP_K)][0][row].tolist() == ids
-    outputs = _spawn(world)
+    outputs = gather_from_ranks(_sharded_results, world)
     tied_logits, tied_hidden, tied_weight, _ = make_tied_case(v=TP_VOCAB)
     tied_teacher_log_probs = ref_teacher_log_probs(tied_hidden, tied_weight, 1.0)
     for name in SUPPORTS:

@@ -1,16 +1,11 @@
 """Real multi-process gloo groups: vocabulary sharded over TP=2 and TP=4 must equal TP=1 (values and the gathered
 gradient); the token filters' collectives give every data-/context-parallel rank the same answer."""
 
-import io
 import math
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from slime_self_distill.core.divergences import (
     full_vocab_divergence,
@@ -20,6 +15,7 @@ from slime_self_distill.core.divergences import (
     vocab_parallel_topk,
 )
 from slime_self_distill.core.token_filters import entropy_quantile_threshold, truncated_importance_weights
+from tests.gloo_results import gather_from_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -32,12 +28,6 @@ def cases_for(scope):
     """SD-Zero's mixed KL exists on the top-K support only."""
     return CASES + [("mixed_kl", 0.5)] if scope.startswith("topk") else CASES
 CLIP = 0.05  # OPSD's clamp of each forward-KL entry (full_vocab term_clip)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _inputs():
@@ -64,40 +54,33 @@ def _run_scope(scope, kind, alpha, logits, teacher_shard, teacher_full, sampled,
                                     tp_group=group, chunk_size=4)
 
 
-def _tensor_parallel_worker(rank, world, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        group = dist.group.WORLD
-        logits, teacher, sampled, weights = _inputs()
-        shard = VOCAB // world
-        columns = slice(rank * shard, (rank + 1) * shard)
-        results = {}
-        for scope in SCOPES:
-            for kind, alpha in cases_for(scope):
-                local = logits[:, columns].clone().requires_grad_(True)
-                out = _run_scope(scope, kind, alpha, local, teacher[:, columns], teacher, sampled, group)
-                (out.loss_terms * weights).sum().backward()
-                grads = [torch.empty_like(local.grad) for _ in range(world)]
-                dist.all_gather(grads, local.grad, group=group)
-                results[(scope, kind)] = (out.divergence, out.student_entropy, out.student_token_log_probs,
-                                          torch.cat(grads, -1))
-        local = logits[:, columns].clone().requires_grad_(True)
-        clipped = full_vocab_divergence(local, sampled, teacher[:, columns], divergence="forward_kl", alpha=0.0,
-                                        tp_group=group, chunk_size=4, term_clip=CLIP)
-        (clipped.loss_terms * weights).sum().backward()
-        grads = [torch.empty_like(local.grad) for _ in range(world)]
-        dist.all_gather(grads, local.grad, group=group)
-        results["clipped"] = (clipped.loss_terms.detach(), clipped.divergence, torch.cat(grads, -1))
-        log_softmax = vocab_parallel_log_softmax(logits[:, columns], group)
-        gathered = [torch.empty_like(log_softmax) for _ in range(world)]
-        dist.all_gather(gathered, log_softmax, group=group)
-        results["log_softmax"] = torch.cat(gathered, -1)
-        results["topk"] = vocab_parallel_topk(logits[:, columns], 7, group)
-        _send(queue, rank, results)
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))
+def _sharded_results(rank, world, group):
+    logits, teacher, sampled, weights = _inputs()
+    shard = VOCAB // world
+    columns = slice(rank * shard, (rank + 1) * shard)
+    results = {}
+    for scope in SCOPES:
+        for kind, alpha in cases_for(scope):
+            local = logits[:, columns].clone().requires_grad_(True)
+            out = _run_scope(scope, kind, alpha, local, teacher[:, columns], teacher, sampled, group)
+            (out.loss_terms * weights).sum().backward()
+            grads = [torch.empty_like(local.grad) for _ in range(world)]
+            dist.all_gather(grads, local.grad, group=group)
+            results[(scope, kind)] = (out.divergence, out.student_entropy, out.student_token_log_probs,
+                                      torch.cat(grads, -1))
+    local = logits[:, columns].clone().requires_grad_(True)
+    clipped = full_vocab_divergence(local, sampled, teacher[:, columns], divergence="forward_kl", alpha=0.0,
+                                    tp_group=group, chunk_size=4, term_clip=CLIP)
+    (clipped.loss_terms * weights).sum().backward()
+    grads = [torch.empty_like(local.grad) for _ in range(world)]
+    dist.all_gather(grads, local.grad, group=group)
+    results["clipped"] = (clipped.loss_terms.detach(), clipped.divergence, torch.cat(grads, -1))
+    log_softmax = vocab_parallel_log_softmax(logits[:, columns], group)
+    gathered = [torch.empty_like(log_softmax) for _ in range(world)]
+    dist.all_gather(gathered, log_softmax, group=group)
+    results["log_softmax"] = torch.cat(gathered, -1)
+    results["topk"] = vocab_parallel_topk(logits[:, columns], 7, group)
+    return results
 
 
 def _single_rank_results():
@@ -119,33 +102,10 @@ def _single_rank_results():
     return results
 
 
-def _send(queue, rank, results):
-    """Tensors travel as bytes: a tensor shared through the queue dies with the worker process."""
-    buffer = io.BytesIO()
-    torch.save(results, buffer)
-    queue.put((rank, buffer.getvalue()))
-
-
-def _spawn(worker, world):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    processes = [ctx.Process(target=worker, args=(rank, world, port, queue)) for rank in range(world)]
-    for p in processes:
-        p.start()
-    outputs = dict(queue.get(timeout=240) for _ in range(world))
-    for p in processes:
-        p.join(timeout=60)
-    for rank, out in outputs.items():
-        if isinstance(out, str):
-            pytest.fail(f"rank {rank} failed:\n{out}")
-    return {rank: torch.load(io.BytesIO(out)) for rank, out in outputs.items()}
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocabulary_sharded_equals_single_rank(world):
     expected = _single_rank_results()
-    outputs = _spawn(_tensor_parallel_worker, world)
+    outputs = gather_from_ranks(_sharded_results, world)
     for rank, results in outputs.items():
         for key, value in expected.items():
             got = results[key]
@@ -154,29 +114,23 @@ def test_vocabulary_sharded_equals_single_rank(world):
 
 
 # ---------------------------------------------------------------------- token-filter collectives
-def _filters_worker(rank, world, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        g = torch.Generator().manual_seed(100 + rank)
-        count = 3 + 4 * rank  # ranks hold different numbers of tokens (rank 0 some, others more)
-        entropy = torch.rand(count, generator=g, dtype=torch.float64)
-        candidates = torch.rand(count, generator=g) > 0.3
-        threshold = entropy_quantile_threshold(entropy, candidates, 0.25, dist.group.WORLD)
-        # Sequence importance weights of two samples whose tokens are split over the ranks (as CP does).
-        train = torch.randn(6, generator=g, dtype=torch.float64)
-        rollout = train + 0.3 * torch.randn(6, generator=g, dtype=torch.float64)
-        valid = torch.tensor([True, True, False, True, True, True])
-        weights = truncated_importance_weights(train, rollout, mode="sequence", cap=1.5, valid=valid,
-                                               sample_lengths=[2, 4], group=dist.group.WORLD)
-        _send(queue, rank, (entropy, candidates, threshold, train, rollout, valid, weights))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))
+def _filter_results(rank, world, group):
+    g = torch.Generator().manual_seed(100 + rank)
+    count = 3 + 4 * rank  # ranks hold different numbers of tokens (rank 0 some, others more)
+    entropy = torch.rand(count, generator=g, dtype=torch.float64)
+    candidates = torch.rand(count, generator=g) > 0.3
+    threshold = entropy_quantile_threshold(entropy, candidates, 0.25, group)
+    # Sequence importance weights of two samples whose tokens are split over the ranks (as CP does).
+    train = torch.randn(6, generator=g, dtype=torch.float64)
+    rollout = train + 0.3 * torch.randn(6, generator=g, dtype=torch.float64)
+    valid = torch.tensor([True, True, False, True, True, True])
+    weights = truncated_importance_weights(train, rollout, mode="sequence", cap=1.5, valid=valid,
+                                           sample_lengths=[2, 4], group=group)
+    return entropy, candidates, threshold, train, rollout, valid, weights
 
 
 def test_filter_collectives_agree_across_ranks():
-    outputs = _spawn(_filters_worker, 2)
+    outputs = gather_from_ranks(_filter_results, 2)
     pooled = torch.cat([o[0][o[1]] for o in outputs.values()]).sort(descending=True).values
     for entropy, candidates, threshold, *_ in outputs.values():
         torch.testing.assert_close(threshold, pooled[math.ceil(0.25 * len(pooled)) - 1])
