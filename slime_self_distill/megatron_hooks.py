@@ -9,8 +9,8 @@ few module globals that slime looks up at call time, so that, inside every train
   teacher's logits into the teacher inputs of the loss (``teacher_outputs``), re-laid-out to the student's
   context-parallel layout. Every other pass (student, reference) is passed through untouched.
 * ``model.get_batch``, for training batches (the key list that asks for ``teacher_log_probs``), also returns the
-  top-K / full-vocabulary teacher tensors (moved from host memory to the GPU one micro-batch at a time) and
-  ``self_distill_loss_weights``.
+  teacher's top-K or final hidden states (moved from host memory to the GPU one micro-batch at a time), the rollout's
+  copy of the teacher's output-layer shard and ``self_distill_loss_weights``.
 * ``train_metric_utils.log_rollout_data`` and ``train_data_utils.save_debug_train_data`` see the rollout data
   without the plugin's keys (the payload and the large teacher tensors), which slime's rollout metrics cannot
   average. They run after the teacher pass and before/after training on the same dict the training iterator
@@ -52,11 +52,12 @@ from slime_self_distill.teacher_view import (
     TeacherView,
 )
 from slime_self_distill.trainer import slime_compat
-from slime_self_distill.trainer.output_layer import OutputLayerCapture
+from slime_self_distill.trainer.output_layer import OutputLayerCapture, check_recomputed_logits, describe_chunks
 from slime_self_distill.trainer.teacher_outputs import (
     HOST_KEYS,
     TeacherOutputSpec,
     compute_teacher_outputs,
+    model_dtype_bytes,
     relayout_cp_rows,
 )
 from slime_self_distill.trainer.teacher_weights import (
@@ -306,8 +307,9 @@ def run_teacher_pass(
     forward_only: Callable, spec: TeacherOutputSpec, args: Any, model, data_iterator, num_microbatches
 ) -> dict[str, list[torch.Tensor]]:
     """slime's ``forward_only`` on the teacher sequences; returns ``{teacher_<key>: [per sample]}`` in the student's
-    CP layout (teacher_log_probs on the GPU, the top-K / full-vocabulary tensors in host memory, where
-    ``compute_teacher_outputs`` writes them chunk by chunk: the device never holds a whole sample's distribution)."""
+    CP layout (teacher_log_probs on the GPU; the top-K or the final hidden states in host memory, the top-K computed
+    chunk by chunk: the device never holds a whole sample's distribution) and, with the hidden-state store, the copy
+    of the teacher's output-layer shard under ``self_distill_teacher_output_weight``."""
     from megatron.core import mpu
     from slime.backends.megatron_utils.data import DataIterator
     from slime.backends.megatron_utils.loss import get_responses
@@ -327,6 +329,11 @@ def run_teacher_pass(
     tp_group = _group_or_none(mpu.get_tensor_model_parallel_group, mpu.get_tensor_model_parallel_world_size)
     cp_group = _group_or_none(mpu.get_context_parallel_group, mpu.get_context_parallel_world_size)
     capture = OutputLayerCapture(model, tp_group) if spec.signal == "hidden" else None
+    if capture is not None:
+        # every rank, before any forward: a last stage without an output layer would otherwise fail alone, inside
+        # the pipeline, leaving the other stages waiting
+        last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
+        _on_every_rank_or_none(lambda: require_logits_module(capture, model) if last_stage else None)
 
     def teacher_outputs(logits, *, args, unconcat_tokens, total_lengths, response_lengths, with_entropy=False):
         # with_entropy is slime's switch for the student's entropy metric; the teacher's entropy is not needed.
@@ -339,6 +346,10 @@ def run_teacher_pass(
             hidden = capture.take(logits.size(1))
             # slime's own slicing (it wants float32; the rows go back to the model's dtype exactly)
             hidden_rows = [rows.to(hidden.dtype) for rows, _ in get_responses(hidden.float(), **lengths)]
+            responses = list(responses)
+            checked = next((i for i, (rows, _) in enumerate(responses) if len(rows)), None)
+            if checked is not None:  # the logits are what the loss will recompute
+                check_recomputed_logits(hidden_rows[checked], capture.weight, responses[checked][0])
         for (rows, tokens), hidden_states, sequence, total_length, response_length in zip(
             responses, hidden_rows, unconcat_tokens, total_lengths, response_lengths, strict=True
         ):
@@ -371,6 +382,16 @@ def run_teacher_pass(
     if capture is not None and capture.weight is not None:  # the last pipeline stage
         result[TEACHER_OUTPUT_WEIGHT_KEY] = capture.weight_copy()
     return result
+
+
+def require_logits_module(capture: OutputLayerCapture, model) -> None:
+    if capture.module is None:
+        raise RuntimeError(
+            f"the hidden-state teacher store reads the final hidden states at the model's output_layer (megatron-core's "
+            f"GPTModel structure), but this last pipeline stage's model has none: {describe_chunks(model)}; use "
+            f"{flag_name('kl_scope')} topk {flag_name('topk_support')} teacher or sampled_token, which read the "
+            "logits only"
+        )
 
 
 def teacher_schedule(args: Any, student_schedule: TeacherSchedule, teacher_lengths: list[int],
@@ -728,6 +749,17 @@ def install(args: Any) -> None:
         "slime_self_distill hooks installed on slime %s (checked against %s): %s scope, %s; patched %s",
         slime_version, slime_compat.CHECKED_SLIME_COMMIT[:9], config.kl_scope, teacher, patched,
     )
+    if spec.signal == "hidden":
+        logger.info("slime_self_distill: the teacher is kept as its final hidden states; each last-stage rank also "
+                    "holds a copy of the teacher's output-layer shard on the GPU from every teacher pass to the end of "
+                    "training: %.2f GiB", output_weight_copy_bytes(args) / host_memory.GIB)
+
+
+def output_weight_copy_bytes(args: Any) -> int:
+    """GPU bytes of the copy of the teacher's output-layer shard: padded vocabulary / TP x hidden size x dtype."""
+    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    return -(-vocab // tp) * args.hidden_size * model_dtype_bytes(args)
 
 
 def unused_pass_warnings(args: Any, config: SelfDistillConfig) -> list[str]:

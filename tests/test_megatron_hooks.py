@@ -306,8 +306,30 @@ def test_the_hidden_store_reads_the_main_head_of_the_real_output_layer(slime_cpu
 def test_a_model_without_an_output_layer_is_refused_by_the_hidden_store(slime_cpu):
     args = make_args(**SCOPE_ARGS["full_vocab"])
     megatron_hooks.install(args)
-    with pytest.raises(RuntimeError, match="needs megatron-core's GPTModel structure"):
-        log_prob_pass(slime_cpu, args, TinyCausalLM(), make_rollout(12), "teacher_")
+    model = TinyCausalLM()
+    with pytest.raises(RuntimeError, match="at the model's output_layer .*this last pipeline stage's model has none: "
+                                           "TinyCausalLM; use --self-distill-kl-scope topk"):
+        log_prob_pass(slime_cpu, args, model, make_rollout(12), "teacher_")
+    assert model.forward_calls == 0  # refused before any forward pass, on every rank
+
+
+class ScaledLogitsGPT(MegatronTinyGPT):
+    """Rescales the logits after its output layer (as MuP output scaling or soft-capping would)."""
+
+    def forward(self, *args, **kwargs):
+        return 0.5 * super().forward(*args, **kwargs)
+
+
+@needs_slime
+def test_logits_transformed_after_the_output_layer_are_refused_by_the_hidden_store(slime_cpu):
+    args = make_args(**SCOPE_ARGS["full_vocab"])
+    megatron_hooks.install(args)
+    with pytest.raises(RuntimeError, match=r"not its output layer's product .* MuP output scaling"):
+        log_prob_pass(slime_cpu, args, ScaledLogitsGPT(), make_rollout(12), "teacher_")
+    # the teacher's own top-K is stored from the logits themselves: no premise to check
+    args = make_args(**SCOPE_ARGS["topk"])
+    megatron_hooks.install(args)
+    assert TEACHER_TOPK_INDICES_KEY in log_prob_pass(slime_cpu, args, ScaledLogitsGPT(), make_rollout(12), "teacher_")
 
 
 @needs_slime
@@ -322,6 +344,12 @@ def test_install_warns_of_an_unused_student_pass_and_knobs_without_effect(slime_
     with caplog.at_level(logging.WARNING, logger="slime_self_distill.megatron_hooks"):
         megatron_hooks.install(make_args(self_distill_kl_scope="sampled_token", use_rollout_logprobs=True))
     assert caplog.text == ""
+    with caplog.at_level(logging.INFO, logger="slime_self_distill.megatron_hooks"):
+        megatron_hooks.install(make_args(self_distill_kl_scope="full_vocab", padded_vocab_size=151936, hidden_size=4096,
+                                         bf16=True, tensor_model_parallel_size=2, use_rollout_logprobs=True))
+    # 75968 x 4096 x 2 bytes
+    assert "a copy of the teacher's output-layer shard on the GPU from every teacher pass to the end of training: " \
+           "0.58 GiB" in caplog.text
 
 
 @needs_slime

@@ -13,6 +13,9 @@ No slime import; torch and the model objects slime trains (megatron-core's ``GPT
 Multi-token-prediction heads call the same output layer on their own hidden states *before* the main head
 (megatron-core's ``GPTModel._postprocess``), so the last call of a forward pass is the main head's; the others are
 ignored. Only the last pipeline stage has the layer; elsewhere the capture records nothing.
+
+``check_recomputed_logits`` guards the premise of the store: the logits the model returned are the output layer's
+product of its input (a model that rescales or soft-caps them afterwards cannot be recomputed from hidden states).
 """
 
 from __future__ import annotations
@@ -22,17 +25,38 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+# Attributes under which wrappers hold the model: DDP and Float16Module's ``module``, a vision-language model's
+# ``language_model`` (slime_plugins' Qwen3.5-VL).
+WRAPPED_MODEL_ATTRIBUTES = ("module", "language_model")
+
 
 def logits_module(model_chunks: Sequence[Any]) -> Optional[Any]:
-    """The model (chunk) that computes the logits on this rank, unwrapped from DDP / Float16Module, or None on a
-    pipeline stage without an output layer."""
+    """The model (chunk) that computes the logits on this rank, unwrapped from DDP / Float16Module / a
+    vision-language wrapper, or None on a pipeline stage without an output layer."""
     for chunk in reversed(list(model_chunks)):
         module = chunk
-        while getattr(module, "output_layer", None) is None and hasattr(module, "module"):
-            module = module.module
+        while getattr(module, "output_layer", None) is None:
+            inner = next((getattr(module, name) for name in WRAPPED_MODEL_ATTRIBUTES
+                          if getattr(module, name, None) is not None), None)
+            if inner is None:
+                break
+            module = inner
         if getattr(module, "output_layer", None) is not None and getattr(module, "post_process", True):
             return module
     return None
+
+
+def describe_chunks(model_chunks: Sequence[Any]) -> str:
+    """The classes of each chunk and of what it wraps, for an error message: ``DDP > Float16Module > MyModel``."""
+    described = []
+    for chunk in model_chunks:
+        names, module = [], chunk
+        while module is not None and len(names) < 6:
+            names.append(type(module).__name__)
+            module = next((getattr(module, name) for name in WRAPPED_MODEL_ATTRIBUTES
+                           if getattr(module, name, None) is not None), None)
+        described.append(" > ".join(names))
+    return "; ".join(described)
 
 
 def gather_sequence_parallel(hidden: torch.Tensor, tp_group) -> torch.Tensor:
@@ -52,7 +76,7 @@ class OutputLayerCapture:
         self.module = logits_module(model_chunks)
         self.tp_group = tp_group
         self.weight: Optional[torch.Tensor] = None
-        self._calls: list[tuple[torch.Tensor, bool]] = []
+        self._calls: list[tuple[torch.Tensor, Any]] = []  # (input, the TP group to gather it over, or None)
         self._handle = None
 
     def __enter__(self) -> "OutputLayerCapture":
@@ -67,14 +91,18 @@ class OutputLayerCapture:
         self._calls.clear()
 
     def _record(self, layer, args, kwargs) -> None:
+        # ColumnParallelLinear.forward(input_, weight=None, runtime_gather_output=None), called either way
         hidden = args[0] if args else kwargs["input_"]
-        weight = kwargs.get("weight")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
         if weight is None:
             weight = layer.weight
         if weight is None:
             raise RuntimeError("the output layer was called without a weight and has none of its own")
         self.weight = weight
-        self._calls.append((hidden.detach(), bool(getattr(layer, "sequence_parallel", False))))
+        gather_group = None
+        if getattr(layer, "sequence_parallel", False):  # the group the layer itself gathers its input over
+            gather_group = getattr(layer, "tp_group", None) or self.tp_group
+        self._calls.append((hidden.detach(), gather_group))
 
     def take(self, positions: int) -> torch.Tensor:
         """The main head's input of the forward pass just run, ``[1, positions, H]`` (batch-first, like slime's
@@ -84,10 +112,10 @@ class OutputLayerCapture:
                 "the teacher pass ran a forward without calling the model's output_layer: the hidden-state teacher "
                 "store needs megatron-core's GPTModel structure (an output_layer computing the logits)"
             )
-        hidden, sequence_parallel = self._calls[-1]
+        hidden, gather_group = self._calls[-1]
         self._calls.clear()
-        if sequence_parallel:
-            hidden = gather_sequence_parallel(hidden, self.tp_group)
+        if gather_group is not None:
+            hidden = gather_sequence_parallel(hidden, gather_group)
         if hidden.dim() != 3 or hidden.size(1) != 1 or hidden.size(0) != positions:
             raise RuntimeError(
                 f"the output layer's input has shape {tuple(hidden.shape)}, expected [{positions}, 1, H] (slime's "
@@ -99,3 +127,29 @@ class OutputLayerCapture:
         """A copy of the output layer's weight as the teacher pass saw it (the model's weights change after it:
         slime restores the student's, and training updates them), or None where nothing was captured."""
         return None if self.weight is None else self.weight.detach().clone()
+
+
+# Rows compared per forward pass: enough to see any transformation of the logits, too few to cost anything.
+CHECKED_ROWS = 8
+
+
+@torch.no_grad()
+def check_recomputed_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, logits_rows: torch.Tensor) -> None:
+    """Raise if ``hidden_rows @ weight^T`` (what the loss will recompute) is not ``logits_rows`` (what the model
+    returned, raw) up to a few bf16 roundings of the largest logit (the output layer may have computed in bf16, under
+    Float16Module or autocast, and in another accumulation order); a few rows."""
+    hidden, logits = hidden_rows[:CHECKED_ROWS], logits_rows[:CHECKED_ROWS].float()
+    if hidden.numel() == 0:
+        return
+    recomputed = torch.mm(hidden.to(weight.dtype), weight.t()).float()
+    scale = 1.0 + float(logits.abs().max())
+    tolerance = 4 * torch.finfo(torch.bfloat16).eps * scale
+    difference = float((recomputed - logits).abs().max())
+    if not difference <= tolerance:
+        raise RuntimeError(
+            f"the teacher's logits are not its output layer's product of the hidden states it read (largest "
+            f"difference {difference:.4g} on logits up to {scale - 1:.4g}): the model transforms the logits after its "
+            "output_layer (e.g. MuP output scaling, logit soft-capping, a custom model provider), which the "
+            "hidden-state teacher store cannot reproduce; use --self-distill-kl-scope topk --self-distill-topk-support "
+            "teacher (stored from the logits themselves) or --self-distill-kl-scope sampled_token"
+        )
