@@ -10,7 +10,7 @@ default with --colocate), a rollout of 32 prompts x 8 samples with responses up 
 "teacher store, log-probs": what the teacher store held before the hidden-state store (V/TP fp16 log-probabilities per
 response token for full_vocab, K fp32 values + K int64 ids for the top-K; the student's top-K was not possible);
 "teacher store, now": what it holds (``host_memory.teacher_store_bytes``: the final hidden state, H bf16 values, or
-K fp32 values + K int32 ids for the teacher's own top-K when that is smaller);
+K fp32 values + K int32 ids for the teacher's own top-K when that is smaller; each TP rank keeps 1/TP of the rows);
 then ``host_memory.rank_host_memory`` summed over the node's 8 ranks, by phase, and the node's peak (weight backups
 with pinned-allocator rounding, the EMA shadow, the memory saver's optimizer backup or the teacher store, whichever
 is larger).

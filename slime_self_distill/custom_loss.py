@@ -24,6 +24,7 @@ from slime_self_distill.core.divergences import (
     TeacherLogProbs,
     TokenDivergence,
     full_vocab_divergence,
+    group_rank_and_size,
     sampled_token_divergence,
     topk_divergence,
 )
@@ -41,7 +42,7 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOG_PROBS_KEY,
 )
-from slime_self_distill.trainer.teacher_outputs import TeacherOutputSpec
+from slime_self_distill.trainer.teacher_outputs import HOST_KEYS, TeacherOutputSpec, gather_tp_rows, tp_row_block
 
 
 @dataclass
@@ -250,15 +251,18 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
         total_lengths=total_lengths,
         response_lengths=response_lengths,
     )
+    tp_rank, tp_size = group_rank_and_size(tp_group)
     for i, (rows, tokens) in enumerate(responses):
         r, v = rows.shape
+        start, end = tp_row_block(r, tp_rank, tp_size)  # the host-kept tensors: this TP rank's block of the rows
         expected = {
             TEACHER_TOKEN_LOG_PROBS_KEY: (r,),
-            TEACHER_TOPK_LOG_PROBS_KEY: (r, "K"),
-            TEACHER_TOPK_INDICES_KEY: (r, "K"),
-            TEACHER_HIDDEN_STATES_KEY: (r, "H"),
+            TEACHER_TOPK_LOG_PROBS_KEY: (end - start, "K"),
+            TEACHER_TOPK_INDICES_KEY: (end - start, "K"),
+            TEACHER_HIDDEN_STATES_KEY: (end - start, "H"),
         }
         teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
+        teacher.update({k: gather_tp_rows(value, r, tp_group) for k, value in teacher.items() if k in HOST_KEYS})
         distribution = None
         if TEACHER_HIDDEN_STATES_KEY in teacher:
             distribution = TeacherHiddenStates(teacher[TEACHER_HIDDEN_STATES_KEY], _teacher_output_weight(batch, v),

@@ -57,6 +57,7 @@ from slime_self_distill.trainer.teacher_outputs import (
     HOST_KEYS,
     TeacherOutputSpec,
     compute_teacher_outputs,
+    keep_tp_rows,
     model_dtype_bytes,
     relayout_cp_rows,
 )
@@ -360,17 +361,18 @@ def run_teacher_pass(
                 continue
             student_total_length = student_total_lengths[index]
             for key, value in compute_teacher_outputs(rows, tokens, spec, tp_group, hidden_states).items():
-                outputs[key.removeprefix(TEACHER_STORE_PREFIX)].append(
-                    relayout_cp_rows(
-                        value,
-                        response_length=response_length,
-                        source_total_length=total_length,
-                        target_total_length=student_total_length,
-                        cp_group=cp_group,
-                        block_rows=spec.chunk_size,
-                        device=logits.device,
-                    )
+                value = relayout_cp_rows(
+                    value,
+                    response_length=response_length,
+                    source_total_length=total_length,
+                    target_total_length=student_total_length,
+                    cp_group=cp_group,
+                    block_rows=spec.chunk_size,
+                    device=logits.device,
                 )
+                if key in HOST_KEYS:  # the same on every TP rank: each keeps its block of the rows
+                    value = keep_tp_rows(value, tp_group)
+                outputs[key.removeprefix(TEACHER_STORE_PREFIX)].append(value)
         return torch.empty((0,), device=logits.device), outputs
 
     with capture if capture is not None else contextlib.nullcontext():

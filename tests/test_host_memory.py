@@ -80,12 +80,13 @@ def test_optimizer_cpu_offload_and_the_memory_saver_backup_use_the_optimizer_sha
 
 
 def test_teacher_store_of_a_known_configuration():
-    # Qwen3-8B (H 4096, bf16, padded vocabulary 151936), TP 2, 8 GPUs: 512 samples / DP 4 = 128 per rank x 4096 rows
+    # Qwen3-8B (H 4096, bf16, padded vocabulary 151936), TP 2, 8 GPUs: 512 samples / DP 4 = 128 per rank x 4096 rows,
+    # of which each TP rank keeps its block of 4096 / 2
     args = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096,
                     padded_vocab_size=151936)
     parallel = Parallel(tp=2, dp=4)
-    rows = 128 * 4096
-    # the final hidden state, H values in bf16, whatever the vocabulary and TP (the old store: 151936 / 2 x 2 bytes)
+    rows = 128 * 2048
+    # the final hidden state, H values in bf16, whatever the vocabulary (the old store: 151936 / 2 x 2 bytes, all rows)
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"), parallel) == rows * 4096 * 2
     for support in ("student", "union"):
         assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="topk", topk_support=support), parallel) == \
@@ -97,9 +98,12 @@ def test_teacher_store_of_a_known_configuration():
     # a float32 model keeps 4 bytes per hidden value
     float32_model = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096, bf16=False)
     assert teacher_store_bytes(float32_model, SelfDistillConfig(kl_scope="full_vocab"), parallel) == rows * 4096 * 4
-    # context parallelism splits the rows; only the last pipeline stage keeps a store
+    # context parallelism splits the rows, then TP its share (ceil(ceil(4096 / 3) / 2) = 683); TP 1 keeps them all;
+    # only the last pipeline stage keeps a store
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
-                               Parallel(tp=2, dp=4, cp=3)) == 128 * 1366 * 4096 * 2
+                               Parallel(tp=2, dp=4, cp=3)) == 128 * 683 * 4096 * 2
+    assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"), Parallel(tp=1, dp=4)) == \
+        128 * 4096 * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
                                Parallel(tp=2, dp=4, last_pipeline_stage=False)) == 0
     with pytest.raises(ConfigError, match="--hidden-size"):
@@ -123,21 +127,21 @@ def test_a_node_over_its_budget_is_refused_with_its_numbers_and_the_alternatives
                     padded_vocab_size=151936)
     parallel = Parallel(tp=2, dp=4)
     rank = rank_host_memory(args, config, TENSORS, parallel)
-    node = NodeHostMemory("gpu-node-7", [rank] * 8, available_bytes=30 * GIB)
+    node = NodeHostMemory("gpu-node-7", [rank] * 8, available_bytes=15 * GIB)
     with pytest.raises(ConfigError) as error:
         check_nodes([node, NodeHostMemory("roomy", [rank], available_bytes=10_000 * GIB)], args, config, parallel)
     message = str(error.value)
-    assert "node gpu-node-7 (8 training ranks): peak about 32.0 GiB" in message and "roomy" not in message
-    assert "32.0 GiB  teacher hidden-state store (full_vocab) (teacher pass to end of training)" in message
-    assert "budget 27.0 GiB (90% of 30.0 GiB available at start-up)" in message
+    assert "node gpu-node-7 (8 training ranks): peak about 16.0 GiB" in message and "roomy" not in message
+    assert "16.0 GiB  teacher hidden-state store (full_vocab) (teacher pass to end of training)" in message
+    assert "budget 13.5 GiB (90% of 15.0 GiB available at start-up)" in message
     assert ("--self-distill-kl-scope topk --self-distill-topk-support teacher --self-distill-topk 64 (a teacher store "
-            "of about 256.0 MiB per rank instead of 4.0 GiB, but the teacher's support only)") in message
+            "of about 128.0 MiB per rank instead of 2.0 GiB, but the teacher's support only)") in message
     assert "--self-distill-teacher frozen or live" in message
-    check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab", host_memory_budget_gb=40.0),
+    check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab", host_memory_budget_gb=20.0),
                 parallel)
-    with pytest.raises(ConfigError, match=r"budget 20.0 GiB \(--self-distill-host-memory-budget-gb 20.0\)"):
+    with pytest.raises(ConfigError, match=r"budget 10.0 GiB \(--self-distill-host-memory-budget-gb 10.0\)"):
         check_nodes([node], args, SelfDistillConfig(teacher="ema", kl_scope="full_vocab",
-                                                    host_memory_budget_gb=20.0), parallel)
+                                                    host_memory_budget_gb=10.0), parallel)
 
 
 def test_available_memory_readings():

@@ -26,6 +26,7 @@ from slime_self_distill.teacher_view import (
     TEACHER_TOPK_LOG_PROBS_KEY,
     TeacherView,
 )
+from slime_self_distill.trainer.teacher_outputs import gather_tp_rows
 from slime_self_distill.trainer.teacher_weights import TeacherAwareBackuper
 from tests.megatron_gpt import MegatronTinyGPT
 from tests.slime_cpu_harness import (
@@ -232,19 +233,26 @@ def assert_matches_brute_force(model, rollout, outputs, scope, temperature, stud
     """Every stored teacher value against a direct float64 computation on the teacher sequence (teacher prompt + the
     student's response): the sampled token's log-prob, the top-K, and the hidden states (and the log-probabilities
     recomputed from them with the stored output-layer shard). ``student_layout(index, values)``: the rows this rank
-    holds in the student's context-parallel layout (identity by default); columns are this rank's vocabulary shard."""
+    holds in the student's context-parallel layout (identity by default); columns are this rank's vocabulary shard.
+    The host-kept top-K and hidden states hold only this TP rank's block of those rows (blocks of ceil(rows / TP))."""
     from megatron.core import mpu
 
     tp_size, tp_rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
     shard = model.vocab_size // tp_size
     columns = slice(tp_rank * shard, (tp_rank + 1) * shard)
-    layout = student_layout or (lambda index, values: values)
+    cp_layout = student_layout or (lambda index, values: values)
+
+    def layout(index, values):  # the rows this rank keeps in host memory
+        rows = cp_layout(index, values)
+        block = -(-len(rows) // tp_size)
+        return rows[tp_rank * block:(tp_rank + 1) * block]
+
     for index, view in enumerate(rollout["prompt"]):
         sequence = torch.tensor(view.tokens) if view.has_teacher else rollout["tokens"][index]
         reference, response = brute_force_teacher(model, sequence, view.response_length, temperature)
         token_reference = reference.gather(1, response.unsqueeze(1)).squeeze(1)
         torch.testing.assert_close(outputs[TEACHER_TOKEN_LOG_PROBS_KEY][index].double(),
-                                   layout(index, token_reference), rtol=0, atol=2e-5)
+                                   cp_layout(index, token_reference), rtol=0, atol=2e-5)
         if TEACHER_TOPK_INDICES_KEY in outputs:
             values, indices = reference.sort(dim=-1, descending=True)
             assert outputs[TEACHER_TOPK_INDICES_KEY][index].dtype == torch.int32
@@ -259,9 +267,13 @@ def assert_matches_brute_force(model, rollout, outputs, scope, temperature, stud
             torch.testing.assert_close(hidden.double(), layout(index, direct), rtol=0, atol=1e-5)
             weight = outputs[TEACHER_OUTPUT_WEIGHT_KEY]
             torch.testing.assert_close(weight.double(), model.full_weights()["output"][columns], rtol=0, atol=1e-6)
+            # what the loss does: the TP blocks gathered back, the logits recomputed with this rank's weight shard
             tp_group = mpu.get_tensor_model_parallel_group() if tp_size > 1 else None
-            recomputed = TeacherHiddenStates(hidden, weight, temperature).log_probs(tp_group)
-            torch.testing.assert_close(recomputed.double(), layout(index, reference[:, columns]), rtol=0, atol=2e-5)
+            every_row = gather_tp_rows(hidden, len(cp_layout(index, direct)), tp_group)
+            torch.testing.assert_close(every_row.double(), cp_layout(index, direct), rtol=0, atol=1e-5)
+            recomputed = TeacherHiddenStates(every_row, weight, temperature).log_probs(tp_group)
+            torch.testing.assert_close(recomputed.double(), cp_layout(index, reference[:, columns]), rtol=0,
+                                       atol=2e-5)
 
 
 @needs_slime

@@ -17,11 +17,15 @@ from slime_self_distill.trainer.teacher_outputs import (
     TeacherOutputSpec,
     compute_teacher_outputs,
     cp_response_rows,
+    gather_tp_rows,
+    keep_tp_rows,
     model_dtype_bytes,
     relayout_cp_rows,
     teacher_bytes_per_token,
     teacher_signal,
+    tp_row_block,
 )
+from tests.gloo_results import gather_from_ranks
 from tests.slime_cpu_harness import free_port, init_gloo
 from tests.slime_support import needs_slime
 
@@ -199,3 +203,41 @@ def _relayout_worker(rank, world_size, port):
 @pytest.mark.distributed
 def test_relayout_between_cp_layouts_with_two_gloo_ranks():
     mp.spawn(_relayout_worker, args=(2, free_port()), nprocs=2)
+
+
+# ---------------------------------------------------------------------- tensor-parallel split of the host store
+def test_tp_blocks_partition_the_rows_in_order():
+    for num_rows in range(0, 30):
+        for tp_size in (1, 2, 3, 4, 8):
+            blocks = [tp_row_block(num_rows, rank, tp_size) for rank in range(tp_size)]
+            assert [r for start, end in blocks for r in range(start, end)] == list(range(num_rows))
+            assert max(end - start for start, end in blocks) == -(-num_rows // tp_size)
+
+
+def _tp_rows_results(rank, world, group):
+    generator = torch.Generator().manual_seed(5)  # the same rows on every rank, as the teacher pass computes them
+    results = {}
+    for num_rows in (0, 1, 2, 5, 7, 12):
+        for full in (torch.randn(num_rows, 3, generator=generator).bfloat16(),
+                     torch.randint(0, 1000, (num_rows, 4), generator=generator, dtype=torch.int32)):
+            kept = keep_tp_rows(full, group)
+            assert kept.data_ptr() != full.data_ptr() or kept.numel() == 0  # its own storage, not a view
+            results[(num_rows, full.dtype)] = (full, kept, gather_tp_rows(kept, num_rows, group))
+    try:
+        gather_tp_rows(torch.zeros(rank + 3, 2), 4, group)  # not this rank's block (every rank: none waits)
+    except ValueError as error:
+        results["error"] = str(error)
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_tp_rank_keeps_its_block_and_the_loss_gathers_every_row(world):
+    for rank, results in gather_from_ranks(_tp_rows_results, world).items():
+        for key, (full, kept, gathered) in ((k, v) for k, v in results.items() if k != "error"):
+            start, end = tp_row_block(key[0], rank, world)
+            assert torch.equal(kept, full[start:end])
+            assert gathered.dtype == full.dtype and torch.equal(gathered, full)
+        expected = tp_row_block(4, rank, world)
+        assert f"holds {rank + 3} rows of a 4-row sample, expected its block of {expected[1] - expected[0]}" in \
+            results["error"]

@@ -370,12 +370,13 @@ def test_parsed_args_errors_name_the_flag(overrides, flag):
 
 def full_vocab_store_bytes(args) -> int:
     """Brute-force host-memory estimate of the full_vocab teacher store per node (README "Memory": the teacher's final
-    hidden state, H bf16 values, per response token of the rank's share)."""
+    hidden state, H bf16 values, per response row of the rank's share)."""
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     dp = world // (tp * args.pipeline_model_parallel_size * cp)
     samples = args.rollout_batch_size * args.n_samples_per_prompt
-    per_rank = math.ceil(samples / dp) * math.ceil(args.rollout_max_response_len / cp) * args.hidden_size * 2
+    rows = math.ceil(math.ceil(args.rollout_max_response_len / cp) / tp)  # each TP rank keeps its block of rows
+    per_rank = math.ceil(samples / dp) * rows * args.hidden_size * 2
     return per_rank * min(args.actor_num_gpus_per_node, dp * tp * cp)
 
 

@@ -17,9 +17,9 @@ only while the actors sleep (``--offload-train``, the default with ``--colocate`
     torch_memory_saver's CPU backup of the GPU optimizer state (fp32 main parameters + Adam moments, 12 B per element
     of the rank's optimizer shard); slime's parameter and gradient buffers are excluded from it.
 only from the teacher pass to the end of training (last pipeline stage)
-    the teacher store, per response token (``teacher_outputs.teacher_bytes_per_token``): the sampled token's fp32
-    log-prob, plus the final hidden state (H values in the model's dtype) for 'full_vocab' and the student / union
-    top-K supports, or K fp32 values + K int32 ids for the teacher's own top-K when that is smaller.
+    the teacher store, per response token (``teacher_outputs.teacher_bytes_per_token``): the final hidden state (H
+    values in the model's dtype) for 'full_vocab' and the student / union top-K supports, or K fp32 values + K int32
+    ids for the teacher's own top-K when that is smaller; each TP rank keeps its block of 1/TP of the rows.
 
 The node's peak is the sum over its ranks of what is held for the whole run plus the larger of the two phases. It is
 compared with ``--self-distill-host-memory-budget-gb``, else with 90% of the memory available on the node when the
@@ -149,13 +149,13 @@ def hidden_size_of(args: Any) -> int:
 
 
 def teacher_store_bytes(args: Any, config: SelfDistillConfig, parallel: Parallel) -> int:
-    """One rank's teacher store: its data-parallel share of the rollout's samples x its context-parallel share of
-    the longest response x the bytes per response token (0 outside the last pipeline stage and for sampled_token,
-    whose 4 B per token stay on the device)."""
+    """One rank's teacher store: its data-parallel share of the rollout's samples x its tensor-parallel block of its
+    context-parallel share of the longest response x the bytes per response token (0 outside the last pipeline stage
+    and for sampled_token, whose 4 B per token stay on the device)."""
     if not parallel.last_pipeline_stage or config.kl_scope == "sampled_token":
         return 0
     samples = args.rollout_batch_size * args.n_samples_per_prompt
-    rows = -(-samples // parallel.dp) * -(-args.rollout_max_response_len // parallel.cp)
+    rows = -(-samples // parallel.dp) * -(-(-(-args.rollout_max_response_len // parallel.cp)) // parallel.tp)
     per_token = teacher_bytes_per_token(config, hidden_size_of(args), model_dtype_bytes(args))
     return rows * (per_token - TOKEN_LOG_PROB_BYTES)  # the token log-probs are kept on the device
 

@@ -10,13 +10,17 @@ What is kept per response token between the teacher pass and the training step (
   'sampled_token' scope);
 * 'topk' scope with the teacher's own support, when K entries are smaller than a hidden state
   (8 K <= H x the model dtype's bytes): ``teacher_topk_log_probs`` [R, K] fp32 and ``teacher_topk_indices``
-  [R, K] int32 (global vocabulary ids), identical on every TP rank;
+  [R, K] int32 (global vocabulary ids);
 * otherwise ('full_vocab', the student's and the union top-K supports, a teacher-support top-K larger than a hidden
   state): ``teacher_hidden_states`` [R, H] in the model's dtype, and once per rollout this rank's shard of the
   teacher's output layer [V/TP, H] on the device; the loss recomputes the exact logits from them
   (``core.teacher_logits``).
 
 Everything is at the rollout temperature (logits / temperature), like slime's own log-probabilities.
+
+Tensor parallelism: the top-K and the hidden states are the same on every TP rank, so each TP rank keeps only its
+block of each sample's rows (``keep_tp_rows``); the loss gathers them back over the TP group (``gather_tp_rows``),
+one sample at a time. The host store is thereby 1/TP of a sample's rows per rank.
 
 Context parallelism: slime splits each sequence into 2 * cp_size chunks and gives rank r chunks r and
 2 * cp_size - 1 - r ("zigzag"); which response rows a rank holds depends on the sequence's total length. The teacher
@@ -77,7 +81,8 @@ def teacher_signal(config: SelfDistillConfig, hidden_size: int, hidden_element_s
 
 
 def teacher_bytes_per_token(config: SelfDistillConfig, hidden_size: int, hidden_element_size: int) -> int:
-    """Bytes the teacher pass keeps per response token and rank (host memory, plus the 4 B token log-prob)."""
+    """Bytes the teacher pass keeps per response token (host memory, plus the 4 B token log-prob on the device);
+    each TP rank keeps 1/TP of the rows."""
     extra = {"token": 0, "topk": TOPK_ENTRY_BYTES * config.topk, "hidden": hidden_size * hidden_element_size}
     return TOKEN_LOG_PROB_BYTES + extra[teacher_signal(config, hidden_size, hidden_element_size)]
 
@@ -181,6 +186,40 @@ def compute_teacher_outputs(
             outputs[TEACHER_TOPK_LOG_PROBS_KEY][start:end] = values
             outputs[TEACHER_TOPK_INDICES_KEY][start:end] = indices
     return outputs
+
+
+# ---------------------------------------------------------------------- tensor-parallel split of the host store
+def tp_row_block(num_rows: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of a sample's ``num_rows`` that TP rank ``tp_rank`` keeps: blocks of ceil(rows / TP)."""
+    block = -(-num_rows // tp_size)
+    return min(tp_rank * block, num_rows), min((tp_rank + 1) * block, num_rows)
+
+
+def keep_tp_rows(rows: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """This TP rank's block of ``rows`` (identical on every TP rank), as a tensor of its own."""
+    rank, size = group_rank_and_size(tp_group)
+    if size == 1:
+        return rows
+    start, end = tp_row_block(rows.shape[0], rank, size)
+    return rows[start:end].clone()
+
+
+def gather_tp_rows(local: torch.Tensor, num_rows: int, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """All ``num_rows`` rows from every TP rank's block (``keep_tp_rows``), on every rank. Every TP rank must call it
+    for the same samples in the same order."""
+    rank, size = group_rank_and_size(tp_group)
+    start, end = tp_row_block(num_rows, rank, size)
+    if local.shape[0] != end - start:
+        raise ValueError(f"TP rank {rank}/{size} holds {local.shape[0]} rows of a {num_rows}-row sample, expected its "
+                         f"block of {end - start}")
+    if size == 1 or num_rows == 0:
+        return local
+    block = -(-num_rows // size)
+    padded = local.new_zeros((block, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    blocks = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(blocks, padded, group=tp_group)
+    return torch.cat(blocks)[:num_rows]
 
 
 # ---------------------------------------------------------------------- context-parallel layout
