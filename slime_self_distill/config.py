@@ -336,8 +336,7 @@ class SelfDistillConfig:
         """
         retired = sorted(k for k in vars(args) if k in RETIRED_SETTINGS and getattr(args, k) is not None)
         if retired:
-            raise ConfigError("; ".join(f"{k} ({flag_name(k.removeprefix(ARG_PREFIX))}) {RETIRED_SETTINGS[k]}"
-                                        for k in retired))
+            raise ConfigError("; ".join(retired_setting_message(k) for k in retired))
         unknown = sorted(k for k in vars(args) if looks_like_a_setting(k) and k not in SETTING_KEYS
                          and k not in RETIRED_SETTINGS)
         if unknown:
@@ -461,6 +460,14 @@ RETIRED_SETTINGS = {
         "final hidden states (in the model's dtype) and recomputes the exact logits in the loss; remove the setting"
     ),
 }
+
+
+def retired_setting_message(key: str) -> Optional[str]:
+    """What replaced a retired setting, given as its YAML key / args attribute or its flag; None for any other key."""
+    attribute = key[2:].replace("-", "_") if key.startswith("--") else key
+    if attribute not in RETIRED_SETTINGS:
+        return None
+    return f"{attribute} ({flag_name(attribute.removeprefix(ARG_PREFIX))}) {RETIRED_SETTINGS[attribute]}"
 
 
 def looks_like_a_setting(key: str) -> bool:

@@ -52,6 +52,7 @@ from slime_self_distill.config import (
     closest_setting,
     flag_name,
     looks_like_a_setting,
+    retired_setting_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,8 @@ def check_self_distill_flags(argv: Sequence[str]) -> None:
     for flag in sorted(given_flags(argv)):
         if flag in SELF_DISTILL_FLAGS:
             continue
+        if retired_setting_message(flag):
+            raise ConfigError(retired_setting_message(flag))
         near_miss = _closest_self_distill_flag(flag, cutoff=0.85)
         if not (flag.lower().replace("_", "-").startswith("--self") or near_miss):
             continue
@@ -295,6 +298,8 @@ def check_recipe_setting_keys(recipe: dict[str, Any], path: str) -> None:
     for key in recipe:
         if key in SETTING_KEYS or key == RECIPE_SLIME_ARGS_KEY:
             continue
+        if retired_setting_message(key):
+            raise ConfigError(f"{CUSTOM_CONFIG_FLAG} {path}: {retired_setting_message(key)}")
         closest = closest_setting(key)
         unprefixed = closest == ARG_PREFIX + key.lower().replace("-", "_")
         if looks_like_a_setting(key) or unprefixed:

@@ -177,6 +177,15 @@ def test_a_recipe_key_meant_as_a_setting_is_refused_naming_the_setting(tmp_path,
     assert f"unknown key {key!r}" in str(error.value) and f"did you mean {meant!r}" in str(error.value)
 
 
+def test_the_retired_storage_dtype_says_what_replaced_it_as_a_flag_and_as_a_recipe_key(tmp_path):
+    gone = r"\(--self-distill-full-vocab-storage-dtype\) is gone: .* final hidden states .* remove the setting"
+    with pytest.raises(ConfigError, match=gone):
+        check_self_distill_flags(["--self-distill-full-vocab-storage-dtype", "float16"])
+    path = write_yaml(tmp_path, "self_distill_kl_scope: full_vocab\nself_distill_full_vocab_storage_dtype: float32\n")
+    with pytest.raises(ConfigError, match=f"--custom-config-path {path}: self_distill_full_vocab_storage_dtype {gone}"):
+        plan_launch(["--custom-config-path", path])
+
+
 def test_recipe_keys_that_are_slime_arguments_pass_and_others_are_refused_against_slimes_parser(tmp_path):
     path = write_yaml(tmp_path, "my_reward_threshold: 3\nself_distill_topk: 7\nself_distill_kl_scope: topk\n")
     plan = plan_launch(["--custom-config-path", path, "--ref-load", "/c"])  # without slime: only plugin-like keys
