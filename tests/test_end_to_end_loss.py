@@ -48,10 +48,10 @@ TOLERANCES = {scope: (1e-5, 3e-5 if scope.startswith("topk") else 1e-5) for scop
 WITHOUT_TEACHER = 2  # make_rollout's sample without a teacher prompt; the 4 others weigh 5 / 4
 
 
-def training_args(scope: str, per_token: bool, **parallel):
+def training_args(scope: str, per_token: bool, recompute_loss_function: bool = False, **parallel):
     return make_args(
         custom_loss_function_path="slime_self_distill.custom_loss.self_distill_loss",
-        calculate_per_token_loss=per_token, recompute_loss_function=False,
+        calculate_per_token_loss=per_token, recompute_loss_function=recompute_loss_function,
         # read by train_one_step
         custom_megatron_before_train_step_hook_path=None, save_debug_train_data=None, enable_mtp_training=False,
         decoder_seq_length=None, ci_test=False,
@@ -153,12 +153,12 @@ def local_rows(batch: dict, cp_rank: int, cp_size: int) -> list[tuple[int, int]]
 
 # ---------------------------------------------------------------------- one training step
 def check_training_step(slime, scope: str, per_token: bool, seed: int, set_attribute=setattr,
-                        sequence_parallel: bool = False, **parallel) -> None:
+                        sequence_parallel: bool = False, recompute_loss_function: bool = False, **parallel) -> None:
     """One teacher pass and one training step of megatron-core-structured ``MegatronTinyGPT`` (its output layer is
     megatron-core's ColumnParallelLinear, which the hidden-state store reads) against the brute force."""
     from megatron.core import mpu
 
-    args = training_args(scope, per_token, **parallel)
+    args = training_args(scope, per_token, recompute_loss_function, **parallel)
     set_attribute(slime.model, "get_args", lambda: args)  # megatron.training's global args, read by train_one_step
     megatron_hooks.install(args)
     try:
@@ -251,6 +251,10 @@ def _parallel_worker(rank: int, port: int) -> None:
             for per_token in (False, True):
                 check_training_step(slime, scope, per_token, seed=41, sequence_parallel=sequence_parallel,
                                     tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
+        # --recompute-loss-function: the loss runs again inside backward, its TP gathers of the teacher rows too
+        check_training_step(slime, "topk_student", False, seed=43, sequence_parallel=sequence_parallel,
+                            recompute_loss_function=True, tensor_model_parallel_size=tp_size,
+                            context_parallel_size=cp_size)
         mpu.destroy_model_parallel()
     destroy_gloo()
 
@@ -258,3 +262,22 @@ def _parallel_worker(rank: int, port: int) -> None:
 @pytest.mark.distributed
 def test_tensor_and_context_parallel_training_steps_equal_brute_force():
     mp.spawn(_parallel_worker, args=(free_port(),), nprocs=2)
+
+
+def _tensor_and_context_parallel_worker(rank: int, port: int) -> None:
+    slime = import_slime_megatron()
+    from megatron.core import mpu
+
+    init_gloo(rank, 4, port, slime_group=True)
+    point_slime_at_cpu()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    for scope in ("full_vocab", "topk_student"):  # TP blocks of the CP-re-laid-out teacher rows
+        check_training_step(slime, scope, False, seed=41, sequence_parallel=True, tensor_model_parallel_size=2,
+                            context_parallel_size=2)
+    mpu.destroy_model_parallel()
+    destroy_gloo()
+
+
+@pytest.mark.distributed
+def test_tensor_and_context_parallel_together():
+    mp.spawn(_tensor_and_context_parallel_worker, args=(free_port(),), nprocs=4)

@@ -16,6 +16,7 @@ from slime_self_distill.core.host_memory import (
     _cgroup_paths,
     cgroup_room_bytes,
     check_nodes,
+    cp_rank_response_rows,
     group_by_node,
     meminfo_available_bytes,
     pinned_bytes,
@@ -98,10 +99,15 @@ def test_teacher_store_of_a_known_configuration():
     # a float32 model keeps 4 bytes per hidden value
     float32_model = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096, bf16=False)
     assert teacher_store_bytes(float32_model, SelfDistillConfig(kl_scope="full_vocab"), parallel) == rows * 4096 * 4
-    # context parallelism splits the rows, then TP its share (ceil(ceil(4096 / 3) / 2) = 683); TP 1 keeps them all;
-    # only the last pipeline stage keeps a store
+    # context parallelism: a CP rank holds two of 2 x CP chunks of the sequence, so at most 2 x ceil((2048 + 4096) / 6)
+    # = 2048 response rows of a sample, then TP its block (1024); without a prompt bound the whole response may sit
+    # in one rank's chunks; TP 1 keeps every row; only the last pipeline stage keeps a store
+    bounded = run_args(rollout_batch_size=64, n_samples_per_prompt=8, rollout_max_response_len=4096,
+                       rollout_max_prompt_len=2048)
+    assert teacher_store_bytes(bounded, SelfDistillConfig(kl_scope="full_vocab"),
+                               Parallel(tp=2, dp=4, cp=3)) == 128 * 1024 * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
-                               Parallel(tp=2, dp=4, cp=3)) == 128 * 683 * 4096 * 2
+                               Parallel(tp=2, dp=4, cp=3)) == 128 * 2048 * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"), Parallel(tp=1, dp=4)) == \
         128 * 4096 * 4096 * 2
     assert teacher_store_bytes(args, SelfDistillConfig(kl_scope="full_vocab"),
@@ -158,3 +164,19 @@ def test_available_memory_readings():
     assert v2[1][0] == "/sys/fs/cgroup/memory.max"
     v1 = _cgroup_paths("12:cpu,cpuacct:/x\n7:memory:/docker/abc\n")
     assert v1[0][0] == "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes"
+
+
+def test_the_cp_bound_holds_for_every_sequence_slime_can_split():
+    """Brute force over slime's zigzag layout (teacher_outputs.cp_response_rows, checked against slime's own
+    slice_log_prob_with_cp): no CP rank ever holds more response rows than the bound."""
+    from slime_self_distill.trainer.teacher_outputs import cp_response_rows
+
+    for max_prompt, max_response in ((5, 9), (1, 20), (30, 7)):
+        args = run_args(rollout_max_prompt_len=max_prompt, rollout_max_response_len=max_response)
+        for cp in (1, 2, 3, 4):
+            bound = cp_rank_response_rows(args, cp)
+            worst = max(sum(end - start for start, end in cp_response_rows(prompt + response, response, rank, cp))
+                        for prompt in range(1, max_prompt + 1) for response in range(1, max_response + 1)
+                        for rank in range(cp))
+            assert worst <= bound, (max_prompt, max_response, cp)
+            assert worst >= bound - 2 * cp, (max_prompt, max_response, cp)  # and not far above it

@@ -552,6 +552,13 @@ def _parallel_worker(rank, port):
             for index, got in enumerate(rollout[TEACHER_TOKEN_LOG_PROBS_KEY]):
                 assert got.shape == rollout["log_probs"][index].shape  # row for row with the student's logits
             assert_matches_brute_force(model, rollout, rollout, scope, temperature, student_layout)
+            if scope in ("full_vocab", "topk"):  # the estimate bounds what this rank keeps (prompts <= 9 tokens)
+                stored = sum(t.nbytes for key in megatron_hooks.HOST_KEYS for t in rollout.get(key, ()))
+                bound_args = make_args(rollout_batch_size=6, n_samples_per_prompt=1, rollout_max_response_len=12,
+                                       rollout_max_prompt_len=9, **scope_args)
+                estimate = teacher_store_bytes(bound_args, SelfDistillConfig.from_args(args),
+                                               Parallel(tp=tp_size, cp=cp_size))
+                assert 0 < stored <= estimate, (scope, stored, estimate)
             iterator = slime.data.get_data_iterator(rollout)[0]
             for micro_batch in rollout["micro_batch_indices"]:
                 batch = slime.model.get_batch(iterator, TRAIN_KEYS, args.data_pad_size_multiplier, False)

@@ -148,14 +148,26 @@ def hidden_size_of(args: Any) -> int:
     return hidden_size
 
 
+def cp_rank_response_rows(args: Any, cp: int) -> int:
+    """The most response rows one context-parallel rank can hold of one sample: slime's zigzag split gives each rank
+    two of 2 x CP equal chunks of the whole sequence, so at most 2 x ceil((prompt + response) / (2 CP)) positions,
+    and never more than the response (all of it without --rollout-max-prompt-len to bound the sequence)."""
+    response = args.rollout_max_response_len
+    prompt = getattr(args, "rollout_max_prompt_len", None)
+    if cp == 1 or prompt is None:
+        return response
+    return min(response, 2 * -(-(prompt + response) // (2 * cp)))
+
+
 def teacher_store_bytes(args: Any, config: SelfDistillConfig, parallel: Parallel) -> int:
-    """One rank's teacher store: its data-parallel share of the rollout's samples x its tensor-parallel block of its
-    context-parallel share of the longest response x the bytes per response token (0 outside the last pipeline stage
-    and for sampled_token, whose 4 B per token stay on the device)."""
+    """One rank's teacher store: its data-parallel share of the rollout's samples x its tensor-parallel block of the
+    most response rows its context-parallel rank can hold of one sample (``cp_rank_response_rows``) x the bytes per
+    response token (0 outside the last pipeline stage and for sampled_token, whose 4 B per token stay on the
+    device)."""
     if not parallel.last_pipeline_stage or config.kl_scope == "sampled_token":
         return 0
     samples = args.rollout_batch_size * args.n_samples_per_prompt
-    rows = -(-samples // parallel.dp) * -(-(-(-args.rollout_max_response_len // parallel.cp)) // parallel.tp)
+    rows = -(-samples // parallel.dp) * -(-cp_rank_response_rows(args, parallel.cp) // parallel.tp)
     per_token = teacher_bytes_per_token(config, hidden_size_of(args), model_dtype_bytes(args))
     return rows * (per_token - TOKEN_LOG_PROB_BYTES)  # the token log-probs are kept on the device
 
