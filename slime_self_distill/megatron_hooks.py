@@ -205,11 +205,8 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
             "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
             "context-parallel layout of slime's default CP; drop --allgather-cp"
         )
-    if config.kl_scope != "sampled_token" and not getattr(args, "hidden_size", None):
-        raise ConfigError(
-            "the teacher store is chosen and sized by the model's hidden size, which slime's args do not have: set "
-            "--hidden-size (slime's model scripts, e.g. scripts/models/qwen3-8B.sh, do)"
-        )
+    if config.kl_scope != "sampled_token":
+        host_memory.hidden_size_of(args)
     if getattr(args, "use_opd", False):
         if getattr(args, "opd_type", None) != "megatron":
             raise ConfigError(

@@ -445,12 +445,13 @@ def _categorical_divergence(student_log_probs, teacher_log_probs, kind, alpha, p
     """Divergence between two distributions given on the same (small) categorical support, last dim. ``present``
     (bool, same shape, or None for all): the categories that exist; the others contribute nothing and get no
     gradient (they are read as probability 0 without ever forming an infinity, which would poison the backward)."""
-    if present is not None:
+    if present is None:
+        student_p, teacher_p = student_log_probs.exp(), teacher_log_probs.exp()
+    else:
         student_log_probs = torch.where(present, student_log_probs, 0.0)
         teacher_log_probs = torch.where(present, teacher_log_probs, 0.0)
-    exists = torch.ones_like(student_log_probs, dtype=torch.bool) if present is None else present
-    student_p = torch.where(exists, student_log_probs.exp(), 0.0)
-    teacher_p = torch.where(exists, teacher_log_probs.exp(), 0.0)
+        student_p = torch.where(present, student_log_probs.exp(), 0.0)
+        teacher_p = torch.where(present, teacher_log_probs.exp(), 0.0)
     if kind == "forward_kl":
         return torch.where(teacher_p > 0, teacher_p * (teacher_log_probs - student_log_probs), 0.0).sum(-1)
     if kind == "reverse_kl":

@@ -17,7 +17,7 @@ only while the actors sleep (``--offload-train``, the default with ``--colocate`
     torch_memory_saver's CPU backup of the GPU optimizer state (fp32 main parameters + Adam moments, 12 B per element
     of the rank's optimizer shard); slime's parameter and gradient buffers are excluded from it.
 only from the teacher pass to the end of training (last pipeline stage)
-    the teacher store, per response token (``teacher_outputs.teacher_bytes_per_token``): the final hidden state (H
+    the teacher store, per response token (``teacher_outputs.host_bytes_per_token``): the final hidden state (H
     values in the model's dtype) for 'full_vocab' and the student / union top-K supports, or K fp32 values + K int32
     ids for the teacher's own top-K when that is smaller; each TP rank keeps its block of 1/TP of the rows.
 
@@ -36,9 +36,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
 from slime_self_distill.trainer.teacher_outputs import (
-    TOKEN_LOG_PROB_BYTES,
+    host_bytes_per_token,
     model_dtype_bytes,
-    teacher_bytes_per_token,
     teacher_signal,
 )
 
@@ -141,10 +140,13 @@ def optimizer_elements(tensors: Sequence[TensorInfo], args: Any, parallel: Paral
 
 
 def hidden_size_of(args: Any) -> int:
+    """``--hidden-size``, which chooses and sizes the teacher store; a ConfigError without it."""
     hidden_size = getattr(args, "hidden_size", None)
     if not hidden_size:
-        raise ConfigError("the teacher store is sized by the model's hidden size: set --hidden-size (slime's model "
-                          "scripts, e.g. scripts/models/qwen3-8B.sh, do)")
+        raise ConfigError(
+            "the teacher store is chosen and sized by the model's hidden size, which slime's args do not have: set "
+            "--hidden-size (slime's model scripts, e.g. scripts/models/qwen3-8B.sh, do)"
+        )
     return hidden_size
 
 
@@ -168,8 +170,7 @@ def teacher_store_bytes(args: Any, config: SelfDistillConfig, parallel: Parallel
         return 0
     samples = args.rollout_batch_size * args.n_samples_per_prompt
     rows = -(-samples // parallel.dp) * -(-cp_rank_response_rows(args, parallel.cp) // parallel.tp)
-    per_token = teacher_bytes_per_token(config, hidden_size_of(args), model_dtype_bytes(args))
-    return rows * (per_token - TOKEN_LOG_PROB_BYTES)  # the token log-probs are kept on the device
+    return rows * host_bytes_per_token(config, hidden_size_of(args), model_dtype_bytes(args))
 
 
 def store_description(args: Any, config: SelfDistillConfig) -> str:

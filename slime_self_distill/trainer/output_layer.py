@@ -20,7 +20,7 @@ product of its input (a model that rescales or soft-caps them afterwards cannot 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,33 +30,35 @@ import torch.distributed as dist
 WRAPPED_MODEL_ATTRIBUTES = ("module", "language_model")
 
 
+def _wrapped(module: Any) -> Optional[Any]:
+    """The model a wrapper holds, or None for a module that wraps nothing."""
+    return next((getattr(module, name) for name in WRAPPED_MODEL_ATTRIBUTES if getattr(module, name, None) is not None),
+                None)
+
+
+def _unwrapping(chunk: Any) -> Iterator[Any]:
+    """The chunk, then what it wraps, and so on (at most a few levels)."""
+    module = chunk
+    for _ in range(6):
+        if module is None:
+            return
+        yield module
+        module = _wrapped(module)
+
+
 def logits_module(model_chunks: Sequence[Any]) -> Optional[Any]:
     """The model (chunk) that computes the logits on this rank, unwrapped from DDP / Float16Module / a
     vision-language wrapper, or None on a pipeline stage without an output layer."""
     for chunk in reversed(list(model_chunks)):
-        module = chunk
-        while getattr(module, "output_layer", None) is None:
-            inner = next((getattr(module, name) for name in WRAPPED_MODEL_ATTRIBUTES
-                          if getattr(module, name, None) is not None), None)
-            if inner is None:
-                break
-            module = inner
-        if getattr(module, "output_layer", None) is not None and getattr(module, "post_process", True):
+        module = next((m for m in _unwrapping(chunk) if getattr(m, "output_layer", None) is not None), None)
+        if module is not None and getattr(module, "post_process", True):
             return module
     return None
 
 
 def describe_chunks(model_chunks: Sequence[Any]) -> str:
     """The classes of each chunk and of what it wraps, for an error message: ``DDP > Float16Module > MyModel``."""
-    described = []
-    for chunk in model_chunks:
-        names, module = [], chunk
-        while module is not None and len(names) < 6:
-            names.append(type(module).__name__)
-            module = next((getattr(module, name) for name in WRAPPED_MODEL_ATTRIBUTES
-                           if getattr(module, name, None) is not None), None)
-        described.append(" > ".join(names))
-    return "; ".join(described)
+    return "; ".join(" > ".join(type(m).__name__ for m in _unwrapping(chunk)) for chunk in model_chunks)
 
 
 def gather_sequence_parallel(hidden: torch.Tensor, tp_group) -> torch.Tensor:

@@ -70,7 +70,7 @@ EXPECTED_FUNCTIONS = (
                      "called: iterates the teacher sequences with the student's micro-batch schedule"),
     ExpectedFunction(_LOSS, "get_responses",
                      "(logits, *, args, unconcat_tokens, total_lengths, response_lengths, apply_temperature=True)",
-                     "called: extracts the teacher's response logits"),
+                     "called: extracts the teacher's response logits and hidden-state rows"),
     ExpectedFunction(_LOSS, "policy_loss_function", "(args, batch, logits, sum_of_sample_mean)",
                      "called: slime's policy loss, combined with the distillation loss under "
                      "--self-distill-rl-combination hybrid or additive"),

@@ -80,11 +80,15 @@ def teacher_signal(config: SelfDistillConfig, hidden_size: int, hidden_element_s
     return "hidden"
 
 
+def host_bytes_per_token(config: SelfDistillConfig, hidden_size: int, hidden_element_size: int) -> int:
+    """Bytes the teacher pass keeps in host memory per response token (each TP rank keeps 1/TP of the rows)."""
+    signal = teacher_signal(config, hidden_size, hidden_element_size)
+    return {"token": 0, "topk": TOPK_ENTRY_BYTES * config.topk, "hidden": hidden_size * hidden_element_size}[signal]
+
+
 def teacher_bytes_per_token(config: SelfDistillConfig, hidden_size: int, hidden_element_size: int) -> int:
-    """Bytes the teacher pass keeps per response token (host memory, plus the 4 B token log-prob on the device);
-    each TP rank keeps 1/TP of the rows."""
-    extra = {"token": 0, "topk": TOPK_ENTRY_BYTES * config.topk, "hidden": hidden_size * hidden_element_size}
-    return TOKEN_LOG_PROB_BYTES + extra[teacher_signal(config, hidden_size, hidden_element_size)]
+    """Bytes the teacher pass keeps per response token: the host store plus the 4 B token log-prob on the device."""
+    return TOKEN_LOG_PROB_BYTES + host_bytes_per_token(config, hidden_size, hidden_element_size)
 
 
 @dataclass(frozen=True)
