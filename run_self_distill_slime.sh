@@ -6,6 +6,10 @@
 #   RM_TYPE=math SELF_DISTILL_CONFIG=configs/sdft_topk.yaml \
 #   bash run_self_distill_slime.sh [extra slime / --self-distill-* arguments...]
 #
+# Offline top-K distillation (README "Offline top-K distillation"): OFFLINE_TOPK=<extract_teacher_topk's
+# teacher_topk.parquet> instead of PROMPT_DATA and RM_TYPE; slime's SFT loop over the data file beside it, without
+# SGLang (SELF_DISTILL_CONFIG defaults to configs/offline_topk_kd.yaml).
+#
 # Every setting is an environment variable (defaults below); arguments after the script name are appended to the
 # training command and win over the defaults here (e.g. --lr 2e-6). Self-distillation settings come from
 # SELF_DISTILL_CONFIG (one of configs/*.yaml, passed as slime's --custom-config-path); a --self-distill-* flag given
@@ -54,20 +58,29 @@ LOAD="${LOAD:-${SAVE}}"  # resumes from SAVE when it holds a checkpoint, else st
 SAVE_INTERVAL="${SAVE_INTERVAL:-20}"
 
 # ------------------------------------------------------------------ data and rollout
-: "${PROMPT_DATA:?set PROMPT_DATA to the JSONL/Parquet prompt file (rows with metadata.teacher_prompt; SDPO: prompts and labels)}"
+OFFLINE_TOPK="${OFFLINE_TOPK:-}"
+if [[ -n "${OFFLINE_TOPK}" ]]; then
+  # the launcher takes --prompt-data (the data file beside it) and --loss-mask-type from the top-K file
+  : "${SELF_DISTILL_CONFIG:=${PROJECT_ROOT}/configs/offline_topk_kd.yaml}"
+  [[ "${OFFLINE_TOPK}" == /* ]] || OFFLINE_TOPK="${PWD}/${OFFLINE_TOPK}"
+else
+  : "${PROMPT_DATA:?set PROMPT_DATA to the JSONL/Parquet prompt file (rows with metadata.teacher_prompt; SDPO: prompts and labels)}"
+fi
 : "${SELF_DISTILL_CONFIG:=${PROJECT_ROOT}/configs/sdft.yaml}"
 [[ -f "${SELF_DISTILL_CONFIG}" ]] || { echo "SELF_DISTILL_CONFIG ${SELF_DISTILL_CONFIG} does not exist (see configs/)" >&2; exit 1; }
 # The Ray job may run in another working directory: pass an absolute path.
 SELF_DISTILL_CONFIG="$(cd -- "$(dirname -- "${SELF_DISTILL_CONFIG}")" && pwd)/$(basename -- "${SELF_DISTILL_CONFIG}")"
 # The same for every path the job reads or writes (a relative one would resolve in the job's directory).
 for path_variable in HF_CHECKPOINT REF_LOAD SAVE LOAD PROMPT_DATA; do
-  if [[ "${!path_variable}" != /* ]]; then
+  if [[ -n "${!path_variable:-}" && "${!path_variable}" != /* ]]; then
     printf -v "${path_variable}" '%s/%s' "${PWD}" "${!path_variable}"
   fi
 done
 # slime scores every rollout; the reward is logged, picks SDPO's successful responses (configs/sdpo.yaml) and, with
 # --self-distill-rl-combination hybrid/additive, drives slime's policy loss.
-if [[ -n "${CUSTOM_RM_PATH:-}" ]]; then
+if [[ -n "${OFFLINE_TOPK}" ]]; then
+  REWARD_ARGS=()  # SFT data: nothing is scored
+elif [[ -n "${CUSTOM_RM_PATH:-}" ]]; then
   REWARD_ARGS=(--custom-rm-path "${CUSTOM_RM_PATH}")
 else
   : "${RM_TYPE:?set RM_TYPE to a slime --rm-type (e.g. math, deepscaler; random for rows without a label) or CUSTOM_RM_PATH}"
@@ -77,12 +90,19 @@ if [[ -n "${LABEL_KEY:-}" ]]; then
   REWARD_ARGS+=(--label-key "${LABEL_KEY}")
 fi
 
-ROLLOUT_ARGS=(
-  --prompt-data "${PROMPT_DATA}"
-  --input-key "${INPUT_KEY:-prompt}"
-  --metadata-key "${METADATA_KEY:-metadata}"
-  --rollout-shuffle
-)
+if [[ -n "${OFFLINE_TOPK}" ]]; then
+  ROLLOUT_ARGS=(--self-distill-offline-topk-path "${OFFLINE_TOPK}" --metadata-key "${METADATA_KEY:-metadata}")
+  if [[ -n "${PROMPT_DATA:-}" ]]; then
+    ROLLOUT_ARGS+=(--prompt-data "${PROMPT_DATA}")
+  fi
+else
+  ROLLOUT_ARGS=(
+    --prompt-data "${PROMPT_DATA}"
+    --input-key "${INPUT_KEY:-prompt}"
+    --metadata-key "${METADATA_KEY:-metadata}"
+    --rollout-shuffle
+  )
+fi
 # The recipes carry their method's rollout shape and optimizer settings (slime_args); set these to override them
 # (or to give a recipe without them its values).
 optional_flag() {  # optional_flag ARRAY_NAME FLAG VARIABLE_NAME: append "FLAG value" when the variable is set
@@ -98,7 +118,8 @@ optional_flag ROLLOUT_ARGS --n-samples-per-prompt N_SAMPLES_PER_PROMPT
 optional_flag ROLLOUT_ARGS --rollout-max-response-len MAX_RESPONSE_LEN
 optional_flag ROLLOUT_ARGS --rollout-temperature ROLLOUT_TEMPERATURE
 optional_flag ROLLOUT_ARGS --global-batch-size GLOBAL_BATCH_SIZE
-if [[ "${APPLY_CHAT_TEMPLATE:-1}" == 1 ]]; then
+# (not for offline distillation: slime's SFT rollout renders the chat messages itself)
+if [[ "${APPLY_CHAT_TEMPLATE:-1}" == 1 && -z "${OFFLINE_TOPK}" ]]; then
   ROLLOUT_ARGS+=(--apply-chat-template)
 fi
 
@@ -109,7 +130,9 @@ fi
 [[ "${NUM_GPUS}" -gt 0 ]] || { echo "no GPU detected: set NUM_GPUS (GPUs per node)" >&2; exit 1; }
 ACTOR_NUM_NODES="${ACTOR_NUM_NODES:-1}"
 CLUSTER_ARGS=(--actor-num-nodes "${ACTOR_NUM_NODES}" --actor-num-gpus-per-node "${NUM_GPUS}")
-if [[ "${COLOCATE:-1}" == 1 ]]; then
+if [[ -n "${OFFLINE_TOPK}" ]]; then
+  :  # no SGLang (--debug-train-only): the training actors have the GPUs to themselves
+elif [[ "${COLOCATE:-1}" == 1 ]]; then
   CLUSTER_ARGS+=(--colocate)  # training and SGLang share the GPUs (train_async does not support it)
 else
   : "${ROLLOUT_NUM_GPUS:?set ROLLOUT_NUM_GPUS (GPUs for SGLang) when COLOCATE=0}"
@@ -138,10 +161,13 @@ optional_flag OPTIMIZER_ARGS --lr LR
 optional_flag OPTIMIZER_ARGS --lr-decay-style LR_DECAY_STYLE
 optional_flag OPTIMIZER_ARGS --weight-decay WEIGHT_DECAY
 
-SGLANG_ARGS=(
-  --rollout-num-gpus-per-engine "${ROLLOUT_GPUS_PER_ENGINE:-${TP:-1}}"
-  --sglang-mem-fraction-static "${SGLANG_MEM_FRACTION:-0.6}"
-)
+SGLANG_ARGS=()
+if [[ -z "${OFFLINE_TOPK}" ]]; then
+  SGLANG_ARGS=(
+    --rollout-num-gpus-per-engine "${ROLLOUT_GPUS_PER_ENGINE:-${TP:-1}}"
+    --sglang-mem-fraction-static "${SGLANG_MEM_FRACTION:-0.6}"
+  )
+fi
 
 MISC_ARGS=(
   --attention-dropout 0.0

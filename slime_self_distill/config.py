@@ -40,6 +40,7 @@ FULL_VOCAB_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 TEACHER_CONTEXTS = ("static", "sdpo", "self_revision")
 FEEDBACK_USES = ("off", "without_solution", "always")
 RL_COMBINATIONS = ("none", "hybrid", "additive")
+KD_TOKEN_WEIGHTS = ("uniform", "teacher_target_prob")
 
 # SDPO's templates as the official runs use them: the YAML block scalars of lasgroup/SDPO
 # verl/trainer/config/actor/actor.yaml (``|-``: no trailing newline, the leading empty line kept). The dataclass
@@ -318,6 +319,29 @@ class SelfDistillConfig:
         metadata=_knob("w of --self-distill-rl-combination hybrid (in [0, 1]) or additive (>= 0)."),
     )
 
+    offline_topk_path: Optional[str] = field(
+        default=None,
+        metadata=_knob(
+            "Offline top-K distillation: the teacher top-K file written by python -m "
+            "slime_self_distill.extract_teacher_topk. Training then runs slime's SFT rollout over the data file "
+            "written beside it, and the loss is cross-entropy (slime's sft_loss) + --self-distill-kd-weight x the "
+            "top-K divergence to the stored teacher; no teacher runs in training."
+        ),
+    )
+    kd_weight: float = field(
+        default=1.0,
+        metadata=_knob("lambda of offline top-K distillation's loss, cross-entropy + lambda x KD (>= 0)."),
+    )
+    kd_token_weight: str = field(
+        default="uniform",
+        metadata=_knob(
+            "Per-token weight of the KD term of offline top-K distillation: 'uniform', or 'teacher_target_prob' (the "
+            "teacher's probability of the data's target token, detached: the KD term counts where the teacher agrees "
+            "with the target; 0 where the target is outside the stored top-K).",
+            KD_TOKEN_WEIGHTS,
+        ),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -397,8 +421,26 @@ class SelfDistillConfig:
             why_not[name] = None if self.builds_self_revision_context else "the teacher context is not self_revision"
         if self.builds_self_revision_context:
             why_not["success_threshold"] = None
+        if self.offline:  # no teacher runs in training, and the data are slime's SFT rows
+            for name in ONLINE_TEACHER_SETTINGS:
+                why_not[name] = f"{flag_name('offline_topk_path')} is set: the teacher is the stored top-K"
         return [f"{flag_name(name)} has no effect: {reason}" for name, reason in why_not.items()
                 if reason is not None and name in explicit]
+
+    def check_explicit(self, explicit: set) -> None:
+        """What only the set of knobs given reveals: offline distillation's knobs without its file."""
+        offline_only = sorted(name for name in explicit & set(OFFLINE_SETTINGS))
+        if offline_only and not self.offline:
+            raise ConfigError(
+                f"{', '.join(flag_name(name) for name in offline_only)} belong{'s' if len(offline_only) == 1 else ''} "
+                f"to offline top-K distillation: give {flag_name('offline_topk_path')} <the teacher_topk.parquet "
+                "written by python -m slime_self_distill.extract_teacher_topk>, or drop them"
+            )
+
+    @property
+    def offline(self) -> bool:
+        """Offline top-K distillation (``--self-distill-offline-topk-path``): SFT + KD on a stored teacher."""
+        return self.offline_topk_path is not None
 
     @property
     def builds_sdpo_context(self) -> bool:
@@ -430,6 +472,12 @@ class SelfDistillConfig:
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.alpha)
 
 
+OFFLINE_SETTINGS = ("kd_weight", "kd_token_weight")
+# What only an online teacher (one that runs in training, on a teacher prompt) reads.
+ONLINE_TEACHER_SETTINGS = ("teacher", "ema_rate", "ema_update_interval", "teacher_prompt_key", "max_teacher_prompt_len",
+                           "teacher_overflow", "missing_teacher", "teacher_chat_template_kwargs", "teacher_context",
+                           "teacher_context_path", "num_loss_tokens_to_skip", "top_entropy_quantile",
+                           "host_memory_budget_gb")
 SDPO_SETTINGS = ("success_threshold", "dont_reprompt_on_self_success", "remove_thinking", "feedback",
                  "reprompt_template", "solution_template", "feedback_template")
 SDPO_TEMPLATE_FIELDS = {
@@ -650,6 +698,23 @@ def _validate(c: SelfDistillConfig) -> None:
               "hybrid mixes (1 - w) * policy + w * distillation")
     if c.weight < 0:
         _fail("weight", f"got {c.weight}", "use a weight >= 0")
+    if c.kd_weight < 0:
+        _fail("kd_weight", f"got {c.kd_weight}", "use a weight >= 0 (0 trains on the cross-entropy alone)")
+    if c.offline_topk_path is not None:
+        if not c.offline_topk_path.strip():
+            _fail("offline_topk_path", "is empty", "give the teacher_topk.parquet written by extract_teacher_topk")
+        if c.kl_scope != "topk":
+            _fail("offline_topk_path", f"is set with {flag_name('kl_scope')} {c.kl_scope}",
+                  f"the stored teacher is its top-K: set {flag_name('kl_scope')} topk (configs/offline_topk_kd.yaml)")
+        if c.topk_support != "teacher":
+            _fail("topk_support", f"is {c.topk_support} with {flag_name('offline_topk_path')}",
+                  "the stored top-K is the teacher's: use teacher")
+        if c.rl_combination != "none":
+            _fail("rl_combination", f"is {c.rl_combination} with {flag_name('offline_topk_path')}",
+                  "offline distillation trains on SFT data, which has no rewards: use none")
+        if c.importance_correction != "off":
+            _fail("importance_correction", f"is {c.importance_correction} with {flag_name('offline_topk_path')}",
+                  "SFT data is not sampled by the rollout engine: use off")
     if c.rl_combination != "none" and c.num_loss_tokens_to_skip:
         _fail("num_loss_tokens_to_skip", f"is {c.num_loss_tokens_to_skip} with {flag_name('rl_combination')} "
               f"{c.rl_combination}", "the skipped tokens would leave slime's policy loss too (they leave the loss "

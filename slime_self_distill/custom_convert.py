@@ -486,13 +486,19 @@ def _log_exclusions(views: Sequence[TeacherView]) -> None:
 
 # ------------------------------------------------------------------------------------------------ entry point
 def convert_samples_to_train_data(args: Any, samples: list) -> dict:
-    """slime's ``--custom-convert-samples-to-train-data-path`` hook: default train data + ``prompt`` teacher views."""
+    """slime's ``--custom-convert-samples-to-train-data-path`` hook: default train data + ``prompt`` teacher views (or,
+    for offline top-K distillation, each sample's stored teacher top-K)."""
     if not samples:
         raise SelfDistillDataError(
             "convert_samples_to_train_data got no samples; the rollout produced nothing to train on"
         )
     config = SelfDistillConfig.from_args(args)
     data = default_train_data(args, samples)
+    if config.offline:  # SFT samples: the payload is each one's stored teacher top-K
+        from slime_self_distill.offline.rollout import stored_topk_payload
+
+        data[PAYLOAD_KEY] = stored_topk_payload(args, samples, config)
+        return data
     if getattr(args, "use_rollout_logprobs", False) and "rollout_log_probs" not in data:
         raise SelfDistillDataError(
             f"--use-rollout-logprobs (filled in by the launcher to skip slime's unused student log-prob pass) needs "

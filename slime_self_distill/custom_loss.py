@@ -28,6 +28,7 @@ from slime_self_distill.core.divergences import (
     sampled_token_divergence,
     topk_divergence,
 )
+from slime_self_distill.core.sft_kd import placeholder_topk, sft_kd_terms
 from slime_self_distill.core.teacher_logits import TeacherHiddenStates, teacher_support
 from slime_self_distill.core.token_filters import (
     entropy_quantile_threshold,
@@ -236,6 +237,8 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     from slime.backends.megatron_utils.loss import get_responses
 
     config = config_of(args)
+    if config.offline:
+        return offline_kd_loss(args, batch, logits, sum_of_sample_mean, config)
     spec = TeacherOutputSpec.from_args(args, config)
     tp_group, dp_group, cp_group = _parallel_groups()
     total_lengths, response_lengths = batch["total_lengths"], batch["response_lengths"]
@@ -294,6 +297,66 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     from slime.backends.megatron_utils.loss import policy_loss_function
 
     return combine_with_policy_loss(config, policy_loss_function(args, batch, logits, sum_of_sample_mean), distillation)
+
+
+def response_row_layout(args, batch: dict, rows: int, device) -> list:
+    """``(row indices, target tokens)`` of each sample's response in the micro-batch's ``rows`` logits rows, in
+    slime's own layout (context-parallel zigzag included): ``get_responses`` run on the row numbers."""
+    from slime.backends.megatron_utils.loss import get_responses
+
+    positions = torch.arange(rows, dtype=torch.float32, device=device).view(1, rows, 1)
+    return [(found[:, 0].long(), tokens) for found, tokens in get_responses(
+        positions, args=args, unconcat_tokens=batch["unconcat_tokens"], total_lengths=batch["total_lengths"],
+        response_lengths=batch["response_lengths"], apply_temperature=False)]
+
+
+def offline_kd_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mean,
+                    config: SelfDistillConfig) -> tuple[torch.Tensor, dict]:
+    """Offline top-K distillation (``--self-distill-offline-topk-path``): slime's SFT cross-entropy on the trained
+    tokens + ``--self-distill-kd-weight`` x the top-K divergence to the stored teacher (``core.sft_kd``), reduced by
+    slime's ``sum_of_sample_mean`` (per sample, or per token with ``--calculate-per-token-loss``, as ``sft_loss``).
+
+    As slime's ``sft_loss``, it runs once over all the micro-batch's logits rows (rows outside every response are
+    left out by their mask), so that the backward writes the logits' gradient once instead of once per sample."""
+    from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
+
+    tp_group, _, _ = _parallel_groups()
+    scaled = logits[0] if args.rollout_temperature == 1.0 else logits[0].div(args.rollout_temperature)
+    rows, device = scaled.shape[0], scaled.device
+    layout = response_row_layout(args, batch, rows, device)
+    parts = {"rows": [], "targets": [], "trained": [], "ids": [], "teacher": []}
+    for i, (row_indices, tokens) in enumerate(layout):
+        r = row_indices.shape[0]
+        parts["rows"].append(row_indices)
+        parts["targets"].append(tokens.to(device))
+        parts["trained"].append(slice_log_prob_with_cp(batch["loss_masks"][i], batch["total_lengths"][i],
+                                                       batch["response_lengths"][i]).to(device).bool())
+        parts["ids"].append(_checked_teacher_input(batch, TEACHER_TOPK_INDICES_KEY, i, (r, "K"), device))
+        parts["teacher"].append(_checked_teacher_input(batch, TEACHER_TOPK_LOG_PROBS_KEY, i, (r, "K"), device))
+    if not layout:
+        return reduce_per_token_loss(PerTokenLoss(torch.zeros(0, device=device), {}), sum_of_sample_mean, logits)
+    index = torch.cat(parts["rows"])
+    ids, teacher = torch.cat(parts["ids"]), torch.cat(parts["teacher"])
+    vocab = scaled.shape[-1] * group_rank_and_size(tp_group)[1]
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise ValueError(
+            f"the stored teacher top-K holds token id {int(ids.max())}, beyond the student's vocabulary of {vocab} "
+            "(padded): the teacher's vocabulary is larger than the student's; extract with a teacher of the "
+            "student's tokenizer"
+        )
+    k = ids.shape[-1]
+    all_ids, all_teacher = placeholder_topk(rows, k, device)
+    all_ids[index], all_teacher[index] = ids.to(all_ids.dtype), teacher.to(all_teacher.dtype)
+    all_targets = torch.zeros(rows, dtype=torch.long, device=device)
+    all_targets[index] = torch.cat(parts["targets"]).long()
+    all_trained = torch.zeros(rows, dtype=torch.bool, device=device)
+    all_trained[index] = torch.cat(parts["trained"])
+    result = sft_kd_terms(scaled, all_targets, all_trained, all_ids, all_teacher, divergence=config.divergence,
+                          alpha=config.alpha, tail=config.topk_tail, kd_weight=config.kd_weight,
+                          token_weight=config.kd_token_weight, tp_group=tp_group, chunk_size=config.chunk_size)
+    per_token = PerTokenLoss(terms=result.terms[index],
+                             metrics={f"self_distill_{name}": value[index] for name, value in result.metrics.items()})
+    return reduce_per_token_loss(per_token, sum_of_sample_mean, logits)
 
 
 def combine_with_policy_loss(config: SelfDistillConfig, policy: tuple,

@@ -53,6 +53,7 @@ from slime_self_distill.teacher_view import (
 )
 from slime_self_distill.trainer import slime_compat
 from slime_self_distill.trainer.output_layer import OutputLayerCapture, check_recomputed_logits, describe_chunks
+from slime_self_distill.trainer.stored_topk import add_stored_topk
 from slime_self_distill.trainer.teacher_outputs import (
     HOST_KEYS,
     TeacherOutputSpec,
@@ -487,6 +488,41 @@ def wrap_get_batch(original: Callable) -> Callable:
     return get_batch
 
 
+def wrap_get_batch_offline(original: Callable) -> Callable:
+    """Offline top-K distillation: training batches also carry each sample's stored teacher top-K."""
+    from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
+
+    @functools.wraps(original)
+    def get_batch(data_iterator, keys, pad_multiplier=128, allgather_cp=False):
+        if TEACHER_TOKEN_LOG_PROBS_KEY not in keys:
+            return original(data_iterator, keys, pad_multiplier, allgather_cp)
+        batch = original(data_iterator, [*keys, *([] if PAYLOAD_KEY in keys else [PAYLOAD_KEY])], pad_multiplier,
+                         allgather_cp)
+        return add_stored_topk(batch, slice_log_prob_with_cp)
+
+    return get_batch
+
+
+def check_offline_args(args: Any, config: SelfDistillConfig) -> None:
+    """Refuse slime settings under which offline top-K distillation would not run as configured."""
+    if getattr(args, "loss_type", None) != "custom_loss":
+        raise ConfigError(
+            f"--loss-type is {getattr(args, 'loss_type', None)!r} with {flag_name('offline_topk_path')}: the stored "
+            "teacher is only read by the plugin's loss; use --loss-type custom_loss --custom-loss-function-path "
+            "slime_self_distill.custom_loss.self_distill_loss"
+        )
+    if getattr(args, "apply_chat_template", False):
+        raise ConfigError(
+            "--apply-chat-template renders each row's messages into a string before slime's SFT rollout, which "
+            "tokenizes the messages itself (as extraction did); drop it"
+        )
+    if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
+        raise ConfigError(
+            "--allgather-cp with --context-parallel-size > 1 is not supported: the stored teacher rows follow the "
+            "zigzag context-parallel layout of slime's default CP; drop --allgather-cp"
+        )
+
+
 def wrap_rollout_data_consumer(original: Callable) -> Callable:
     """For ``log_rollout_data(rollout_id, args, rollout_data)`` and ``save_debug_train_data(args, *, rollout_id,
     rollout_data)``: the same call on ``rollout_data`` without the plugin's keys. Keys the function adds to the
@@ -708,7 +744,10 @@ def install(args: Any) -> None:
     global _installation
     uninstall()
     config = SelfDistillConfig.from_args(args)
+    config.check_explicit(SelfDistillConfig.explicit_settings(args))
     slime_version = slime_compat.verify()
+    if config.offline:
+        return install_offline(args, config, slime_version)
     check_args(args, config)
     spec = TeacherOutputSpec.from_args(args, config)
     explicit = SelfDistillConfig.explicit_settings(args)
@@ -752,6 +791,31 @@ def install(args: Any) -> None:
         logger.info("slime_self_distill: the teacher is kept as its final hidden states; each last-stage rank also "
                     "holds a copy of the teacher's output-layer shard on the GPU from every teacher pass to the end of "
                     "training: %.2f GiB", output_weight_copy_bytes(args) / host_memory.GIB)
+
+
+def install_offline(args: Any, config: SelfDistillConfig, slime_version: str) -> None:
+    """Offline top-K distillation: no teacher pass and no teacher weights; training batches get the stored top-K."""
+    from slime.observability import train_data_utils, train_metric_utils
+
+    global _installation
+    check_offline_args(args, config)
+    for warning in config.ineffective_settings(SelfDistillConfig.explicit_settings(args)):
+        logger.warning("slime_self_distill: %s", warning)
+    import importlib
+
+    model = importlib.import_module(_MODEL)
+    installation = Installation(args, config)
+    try:
+        installation.replace(model, "get_batch", wrap_get_batch_offline)
+        installation.replace(train_metric_utils, "log_rollout_data", wrap_rollout_data_consumer)
+        installation.replace(train_data_utils, "save_debug_train_data", wrap_rollout_data_consumer)
+    except BaseException:
+        _restore(installation)
+        raise
+    _installation = installation
+    logger.info("slime_self_distill hooks installed on slime %s for offline top-K distillation from %s: SFT "
+                "cross-entropy + %s x %s on the stored top-K (%s tail)", slime_version, config.offline_topk_path,
+                config.kd_weight, config.divergence, config.topk_tail)
 
 
 def output_weight_copy_bytes(args: Any) -> int:

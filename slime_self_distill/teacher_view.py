@@ -13,7 +13,7 @@ Invariant (checked by ``TeacherView.__post_init__``): for a sample with a teache
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Tuple
 
 PAYLOAD_KEY = "prompt"
 
@@ -58,6 +58,22 @@ class TeacherView:
     @property
     def total_length(self) -> int:
         return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class StoredTopK:
+    """Offline top-K distillation's payload of one sample: the teacher's stored top-K at its trained tokens (the
+    response tokens whose loss mask is 1, in order), read from the teacher top-K file by the converter."""
+
+    idx: int  # the row's idx in the top-K file and the data file
+    ids: Any  # numpy int32 [trained tokens, K], global vocabulary ids, by decreasing value
+    values: Any  # numpy float32 [trained tokens, K]: log-probabilities, or raw logits (value_kind)
+    value_kind: str  # "logprobs" | "logits"
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.values.shape or self.ids.ndim != 2:
+            raise ValueError(f"StoredTopK of idx {self.idx}: ids {self.ids.shape} and values {self.values.shape} must "
+                             "both be [trained tokens, K]")
 
 
 # Keys of the training batch that the Megatron hooks fill (one entry per sample, in the student's response

@@ -67,6 +67,18 @@ PLUGIN_DEFAULTS: tuple[tuple[str, str], ...] = (
     # prepare_dataset writes the student prompt under "prompt"; slime's own default key is "input".
     ("--input-key", "prompt"),
 )
+# Offline top-K distillation: slime's SFT loop (no SGLang, no log-prob passes) over the data file extraction wrote,
+# with the plugin's converter, loss and get_batch hook. --prompt-data and --loss-mask-type come from the top-K file.
+OFFLINE_DEFAULTS: tuple[tuple[str, ...], ...] = (
+    ("--rollout-function-path", "slime.rollout.sft_rollout.generate_rollout"),
+    ("--custom-convert-samples-to-train-data-path", "slime_self_distill.custom_convert.convert_samples_to_train_data"),
+    ("--loss-type", "custom_loss"),
+    ("--custom-loss-function-path", "slime_self_distill.custom_loss.self_distill_loss"),
+    ("--custom-megatron-init-path", "slime_self_distill.megatron_hooks.install"),
+    ("--input-key", "messages"),
+    ("--debug-train-only",),
+    ("--disable-compute-advantages-and-returns",),
+)
 # The loss never reads slime's recomputed student log-probs: --use-rollout-logprobs skips that forward pass (slime
 # then takes SGLang's log-probs wherever it needs old log-probs). Not with the flags that need the pass: --use-tis
 # (slime refuses the pair), --get-mismatch-metrics (recomputes them on purpose), --use-routing-replay (the pass
@@ -191,6 +203,10 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
     """
     present = given_flags(argv)
     filled: list[list[str]] = []
+    if config.offline:
+        filled = [list(arguments) for arguments in OFFLINE_DEFAULTS if arguments[0] not in present]
+        filled += offline_file_defaults(config, present)
+        return [*argv, *(token for arguments in filled for token in arguments)], [" ".join(a) for a in filled]
     for flag, value in PLUGIN_DEFAULTS:
         if flag not in present:
             filled.append([flag, value])
@@ -214,6 +230,24 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
     if uses_opd and OPD_KL_COEF_FLAG not in present:
         filled.append([OPD_KL_COEF_FLAG, "0"])
     return [*argv, *(token for arguments in filled for token in arguments)], [" ".join(a) for a in filled]
+
+
+def offline_file_defaults(config: SelfDistillConfig, present: set) -> list[list[str]]:
+    """``--prompt-data`` (the data file beside the top-K file) and ``--loss-mask-type`` (the one extraction used),
+    unless given."""
+    from slime_self_distill.offline.rollout import open_topk_file
+    from slime_self_distill.offline.topk_file import TopKFileError
+
+    try:
+        info = open_topk_file(config.offline_topk_path).info
+    except TopKFileError as error:
+        raise ConfigError(f"{flag_name('offline_topk_path')}: {error}") from None
+    filled = []
+    if "--prompt-data" not in present:
+        filled.append(["--prompt-data", info.data_path(config.offline_topk_path)])
+    if "--loss-mask-type" not in present:
+        filled.append(["--loss-mask-type", info.loss_mask_type])
+    return filled
 
 
 def _closest_self_distill_flag(flag: str, cutoff: float) -> Optional[str]:
@@ -360,7 +394,13 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
     except ConfigError as error:
         where = f" (settings from the command line and {CUSTOM_CONFIG_FLAG} {path})" if path else ""
         raise ConfigError(f"{error}{where}") from None
-    warnings = config.ineffective_settings(SelfDistillConfig.explicit_settings(settings))
+    explicit = SelfDistillConfig.explicit_settings(settings)
+    try:
+        config.check_explicit(explicit)
+    except ConfigError as error:
+        where = f" (settings from the command line and {CUSTOM_CONFIG_FLAG} {path})" if path else ""
+        raise ConfigError(f"{error}{where}") from None
+    warnings = config.ineffective_settings(explicit)
     warnings += [f"{flag_name(key[len(ARG_PREFIX):])} {value} on the command line replaces '{key}: {from_yaml[key]}' "
                  f"of {CUSTOM_CONFIG_FLAG} {path}" for key, value in overrides.items()]
     for flag in sorted(given_flags(from_recipe_args) & given_flags(argv)):
@@ -395,10 +435,16 @@ def validate_parsed_args(args: Any) -> SelfDistillConfig:
     """The training actors' own start-up checks, run once on the driver before any actor exists (the host-memory
     check of the actors needs their parameters; here, only the teacher store, a lower bound, against the launcher
     node's memory: a warning, or an error with --self-distill-host-memory-budget-gb)."""
-    from slime_self_distill.megatron_hooks import check_args, check_reward_args, check_teacher_store
+    from slime_self_distill.megatron_hooks import check_args, check_offline_args, check_reward_args, check_teacher_store
     from slime_self_distill.sd_zero_collect import check_collection_args
 
     config = SelfDistillConfig.from_args(args)
+    if config.offline:
+        from slime_self_distill.offline.rollout import check_file_against_args, open_topk_file
+
+        check_offline_args(args, config)
+        check_file_against_args(open_topk_file(config.offline_topk_path).info, config.offline_topk_path, args, config)
+        return config
     check_collection_args(args)
     check_reward_args(args)
     if getattr(args, "debug_rollout_only", False):  # no training actors: no teacher pass, no teacher store
@@ -439,6 +485,10 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     path = values.pop("prompt_data")
     if path is None:
         return "no --prompt-data: no data checked"
+    if plan.config.offline:
+        from slime_self_distill.offline.rollout import check_data_file
+
+        return check_data_file(path, values["metadata_key"], plan.config.offline_topk_path)
     apply_chat_template = bool(plan.recipe.get("apply_chat_template",
                                                "--apply-chat-template" in given_flags(plan.slime_argv)))
     tokens, rendering = teacher_prompt_counter(values.pop("hf_checkpoint"), apply_chat_template,

@@ -2,6 +2,10 @@
 own argument code, and they carry their method's official settings (test_recipes.py checks their loss)."""
 
 import argparse
+import dataclasses
+import functools
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,12 +16,16 @@ from slime_self_distill.train import RECIPE_SLIME_ARGS_KEY, flag_value, plan_lau
 from tests.slime_support import needs_slime
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml", "sd_zero.yaml")
+RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml", "sd_zero.yaml",
+           "offline_topk_kd.yaml")
+OFFLINE_RECIPE = "offline_topk_kd.yaml"  # needs a teacher top-K file: launched with a small one
 # Megatron-LM's own flags (megatron.training.arguments, not installable here), which the recipes set for the
 # optimizer; slime's argument code knows every other flag they use.
 MEGATRON_FLAGS = {"--lr", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--lr-warmup-init", "--min-lr",
                   "--weight-decay", "--adam-beta1", "--adam-beta2", "--adam-eps", "--clip-grad",
                   "--calculate-per-token-loss"}
+# Flags slime's parse_args reads from sys.argv before its parser exists (_pre_parse_mode), not through the parser.
+SLIME_PRE_PARSED_FLAGS = {"--train-backend", "--debug-rollout-only", "--debug-train-only", "--load-debug-rollout-data"}
 
 
 def load(name: str) -> dict:
@@ -25,8 +33,40 @@ def load(name: str) -> dict:
         return yaml.safe_load(f)
 
 
+@functools.lru_cache(maxsize=None)
+def small_topk_file() -> str:
+    """A teacher top-K file of two rows (K 2) and its data file, in a directory removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from slime_self_distill.offline.topk_file import TopKFileInfo, TopKWriter
+
+    directory = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, directory, True)
+    with open(os.path.join(directory, "data.jsonl"), "w") as f:
+        for idx in range(2):
+            f.write(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                "metadata": {"self_distill_topk": {"idx": idx, "digest": "0", "trained_tokens": 1,
+                                                                   "extraction": "e"}}})
+                    + "\n")
+    info = TopKFileInfo(k=2, values="logprobs", temperature=1.0, loss_mask_type="qwen3", teacher="t", tokenizer="t",
+                        chat_template_sha256="", vocab_size=8, rows=2, trained_tokens=2, data_file="data.jsonl",
+                        data_sha256="", extraction="e")
+    path = os.path.join(directory, "teacher_topk.parquet")
+    with TopKWriter(path, info.to_metadata()) as writer:
+        for idx in range(2):
+            writer.add(idx, np.array([[1, 2]], dtype=np.int32), np.log(np.array([[0.5, 0.25]], dtype=np.float32)))
+    return path
+
+
 def plan(name: str):
-    return plan_launch(["--custom-config-path", str(CONFIG_DIR / name), "--ref-load", "/ckpt/initial"])
+    # the offline recipe leaves the batch sizes to the user (slime requires --rollout-batch-size)
+    offline = (["--self-distill-offline-topk-path", small_topk_file(), "--rollout-batch-size", "128"]
+               if name == OFFLINE_RECIPE else [])
+    return plan_launch(["--custom-config-path", str(CONFIG_DIR / name), "--ref-load", "/ckpt/initial", *offline])
 
 
 def test_every_shipped_config_is_tested():
@@ -42,6 +82,8 @@ def test_recipe_keys_are_settings_and_validate(name):
     for key, value in settings.items():
         assert getattr(config, key[len(ARG_PREFIX):]) == value, key  # nothing coerced or dropped
     launched = plan(name)
+    if name == OFFLINE_RECIPE:
+        config = dataclasses.replace(config, offline_topk_path=small_topk_file())
     assert launched.config == config and launched.warnings == []  # no knob without effect
 
 
@@ -52,7 +94,7 @@ def test_recipe_slime_arguments_are_slimes_own_flags(name):
 
     slime_argv = plan(name).slime_argv
     _, unknown = slime_parser().parse_known_args(slime_argv)
-    unknown_flags = {token for token in unknown if token.startswith("--")}
+    unknown_flags = {token for token in unknown if token.startswith("--")} - SLIME_PRE_PARSED_FLAGS
     assert unknown_flags <= MEGATRON_FLAGS, unknown_flags - MEGATRON_FLAGS
     for flag in unknown_flags - {"--calculate-per-token-loss", "--lr-decay-style"}:
         float(flag_value(slime_argv, flag))  # Megatron's numeric flags get numbers
@@ -128,6 +170,32 @@ def test_recipe_has_the_official_values(name):
     config = plan(name).config
     assert {k: getattr(config, k) for k in settings} == settings
     assert {flag: slime_settings(name).get(flag) for flag in slime_flags} == slime_flags
+
+
+def test_the_offline_recipe_runs_slimes_sft_loop_on_the_extracted_data():
+    argv = plan(OFFLINE_RECIPE).slime_argv
+    assert flag_value(argv, "--rollout-function-path") == "slime.rollout.sft_rollout.generate_rollout"
+    assert flag_value(argv, "--prompt-data") == os.path.join(os.path.dirname(small_topk_file()), "data.jsonl")
+    assert flag_value(argv, "--loss-mask-type") == "qwen3"  # the file's, not slime's default
+    assert flag_value(argv, "--input-key") == "messages"
+    for switch in ("--debug-train-only", "--disable-compute-advantages-and-returns", "--calculate-per-token-loss"):
+        assert switch in argv
+    for online in ("--use-rollout-logprobs", "--use-opd", "--data-source-path"):
+        assert online not in argv
+    given = plan_launch(["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE), "--self-distill-offline-topk-path",
+                         small_topk_file(), "--prompt-data", "/data/subset.jsonl", "--loss-mask-type", "qwen"])
+    assert flag_value(given.slime_argv, "--prompt-data") == "/data/subset.jsonl"
+    assert flag_value(given.slime_argv, "--loss-mask-type") == "qwen"
+
+
+def test_the_offline_recipe_without_its_file_names_the_flag():
+    from slime_self_distill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--self-distill-offline-topk-path"):
+        plan_launch(["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE)])
+    with pytest.raises(ConfigError, match="does not exist.*extract_teacher_topk"):
+        plan_launch(["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE), "--self-distill-offline-topk-path",
+                     "/nowhere/teacher_topk.parquet"])
 
 
 def test_opsd_and_sd_zero_are_per_token_means_and_the_others_per_sample():

@@ -593,6 +593,19 @@ def test_script_checks_then_starts_ray_then_submits_the_launcher(tmp_path):
     assert str(PROJECT_ROOT) in runtime_env["env_vars"]["PYTHONPATH"].split(":")
 
 
+def test_script_runs_offline_distillation_without_sglang_rewards_or_prompt_data(tmp_path):
+    env, log = script_env(tmp_path, OFFLINE_TOPK="kd/teacher_topk.parquet", SKIP_PRECHECK="1")
+    del env["PROMPT_DATA"], env["RM_TYPE"]
+    result = run_script(env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    command = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert flag_value(command, "--self-distill-offline-topk-path") == str(tmp_path / "kd" / "teacher_topk.parquet")
+    assert flag_value(command, "--custom-config-path") == str(PROJECT_ROOT / "configs" / "offline_topk_kd.yaml")
+    for online in ("--prompt-data", "--input-key", "--rm-type", "--apply-chat-template", "--colocate",
+                   "--sglang-mem-fraction-static", "--rollout-num-gpus-per-engine"):
+        assert online not in command  # the launcher fills --prompt-data and --input-key from the top-K file
+
+
 def test_script_relative_config_becomes_absolute(tmp_path):
     env, log = script_env(tmp_path, SELF_DISTILL_CONFIG="configs/opsd.yaml", SKIP_PRECHECK="1")
     assert run_script(env, cwd=PROJECT_ROOT).returncode == 0

@@ -223,6 +223,9 @@ class TokenDivergence:
     student_token_log_probs: torch.Tensor
     # topk: detached teacher probability mass inside the top-K support; None for the other scopes.
     teacher_captured_mass: Optional[torch.Tensor] = None
+    # topk: differentiable log p_student(sampled token), from the same pass over the logits as the divergence (the
+    # cross-entropy of offline SFT + KD); None for the other scopes.
+    target_log_probs: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------- full vocabulary
@@ -390,7 +393,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
     """log p(ids) for ``ids [N, K]`` global vocabulary ids, plus the (detached) entropy of each row."""
 
     @staticmethod
-    def forward(ctx, logits, ids, tp_group, chunk_size):
+    def forward(ctx, logits, ids, tp_group, chunk_size, with_entropy):
         cd = _compute_dtype(logits)
         n = logits.shape[0]
         local, in_shard = local_vocab_columns(ids, logits.shape[-1], tp_group)
@@ -401,7 +404,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         for rows in _chunks(n, chunk_size):
             z = work.as_compute(logits[rows], "logits")
             row_max, shifted_exp = _row_log_normalizer(z, tp_group, work.get("exp", z.shape[0]))
-            exp_times_logit = _row_dot(shifted_exp, z)
+            exp_times_logit = _row_dot(shifted_exp, z) if with_entropy else torch.zeros_like(row_max)
             picked = torch.where(in_shard[rows], z.gather(-1, local[rows]), 0.0)
             reduced = torch.cat([shifted_exp.sum(-1, keepdim=True), exp_times_logit.unsqueeze(-1), picked], -1)
             _all_reduce(reduced, tp_group)
@@ -427,12 +430,15 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
             chunk_grad.scatter_add_(-1, local[rows], torch.where(in_shard[rows], g, 0.0))
             if chunk_grad.dtype != grad.dtype:
                 grad[rows] = chunk_grad
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def vocab_parallel_log_probs_at(logits, ids, tp_group=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """``(log p(ids) [N, K] differentiable, entropy [N] detached)`` over the sharded vocabulary."""
-    return _VocabParallelLogProbsAt.apply(logits, ids, tp_group, chunk_size)
+def vocab_parallel_log_probs_at(logits, ids, tp_group=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                                with_entropy: bool = True):
+    """``(log p(ids) [N, K] differentiable, entropy [N] detached)`` over the sharded vocabulary; without
+    ``with_entropy`` the entropy is not computed (one pass over the logits less) and is returned as NaN."""
+    log_probs, entropy = _VocabParallelLogProbsAt.apply(logits, ids, tp_group, chunk_size, with_entropy)
+    return log_probs, entropy if with_entropy else torch.full_like(entropy, math.nan)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -485,12 +491,14 @@ def topk_divergence(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tail: str = "bucket",
     present: Optional[torch.Tensor] = None,
+    with_entropy: bool = True,
 ) -> TokenDivergence:
     """The divergence on a support of K tokens per row (``support_ids`` [N, K], global vocabulary ids, with the
     teacher's log-probabilities there, ``teacher_support_log_probs`` [N, K]) plus, with ``tail="bucket"``, one tail
     bucket holding the remaining mass of each side; with ``tail="renormalize"``, both sides renormalized over the
     support (no tail). ``present`` [N, K] bool (None: all): which entries belong to the support (a union of two
-    top-K sets pads each row with repeated ids, marked absent).
+    top-K sets pads each row with repeated ids, marked absent). Without ``with_entropy`` the student's entropy is not
+    computed (NaN).
 
     Merging categories can only lower a KL, so the bucket form is a lower bound of the full-vocabulary value. The
     student's log-probabilities come from its full sharded log-softmax, so the bucket form's gradient reaches every
@@ -508,7 +516,7 @@ def topk_divergence(
     if present is not None and present.shape != support_ids.shape:
         raise ValueError(f"present {tuple(present.shape)} must have the support's shape {tuple(support_ids.shape)}")
     ids = torch.cat([support_ids.long(), sampled_tokens.long().unsqueeze(-1)], -1)
-    log_probs, entropy = vocab_parallel_log_probs_at(logits, ids, tp_group, chunk_size)
+    log_probs, entropy = vocab_parallel_log_probs_at(logits, ids, tp_group, chunk_size, with_entropy)
     student_support, student_token = log_probs[:, :-1], log_probs[:, -1]
     teacher_support = teacher_support_log_probs.to(log_probs.dtype)
     if tail == "bucket":
@@ -530,6 +538,7 @@ def topk_divergence(
         student_entropy=entropy,
         student_token_log_probs=student_token.detach(),
         teacher_captured_mass=teacher_mass.sum(-1),
+        target_log_probs=student_token,
     )
 
 

@@ -82,6 +82,12 @@ EXPECTED_FUNCTIONS = (
                      "wrapped: sees rollout data without the plugin's keys"),
     ExpectedFunction(_DEBUG_DUMP, "save_debug_train_data", "(args, *, rollout_id, rollout_data)",
                      "wrapped: dumps rollout data without the plugin's keys"),
+    ExpectedFunction("slime.backends.megatron_utils.cp_utils", "slice_log_prob_with_cp",
+                     "(log_prob, total_length, response_length)",
+                     "called: the loss masks and the stored teacher top-K rows of this context-parallel rank"),
+    ExpectedFunction("slime.utils.mask_utils", "MultiTurnLossMaskGenerator.get_loss_mask", "(self, messages, tools=None)",
+                     "reproduced: extract_teacher_topk tokenizes each row as slime's SFT rollout does "
+                     "(data/sft_tokens.py; the converter checks every row's digest)"),
 )
 
 # Module globals that slime's callers look up at call time; the plugin replaces them by these names.
