@@ -23,3 +23,15 @@ def test_the_hidden_store_benchmark_runs_every_case(capsys):
                  "topk teacher support (stored top-K)"):
         assert case in out
     assert "teacher bytes/token 68" in out  # 16 fp32 values + the sampled token's log-prob
+
+
+def test_the_offline_topk_benchmark_measures_extraction_storage_and_the_loss(capsys):
+    from benchmarks import bench_offline_topk
+
+    bench_offline_topk.main(["--rows", "4", "--response-words", "20", "--vocab", "500", "--hidden", "32", "--topk",
+                             "4", "--loss-rows", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "x the plain full-logits forward" in out
+    stored = float(out.split("file ")[1].split(" bytes per trained token")[0])
+    assert 0 < stored <= 8 * 4 + 8 + 200  # tiny file: the footer is not amortised yet
+    assert "x slime's sft_loss" in out or "loss: skipped, slime is not importable" in out
