@@ -511,6 +511,11 @@ def check_offline_args(args: Any, config: SelfDistillConfig) -> None:
             "teacher is only read by the plugin's loss; use --loss-type custom_loss --custom-loss-function-path "
             "slime_self_distill.custom_loss.self_distill_loss"
         )
+    if getattr(args, "n_samples_per_prompt", 1) != 1:
+        raise ConfigError(
+            f"--n-samples-per-prompt {args.n_samples_per_prompt}: slime's SFT rollout trains each data row once per "
+            "rollout (it stops on groups of several samples); drop the flag"
+        )
     if getattr(args, "apply_chat_template", False):
         raise ConfigError(
             "--apply-chat-template renders each row's messages into a string before slime's SFT rollout, which "

@@ -68,14 +68,14 @@ PLUGIN_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("--input-key", "prompt"),
 )
 # Offline top-K distillation: slime's SFT loop (no SGLang, no log-prob passes) over the data file extraction wrote,
-# with the plugin's converter, loss and get_batch hook. --prompt-data and --loss-mask-type come from the top-K file.
+# with the plugin's converter, loss and get_batch hook. --prompt-data, --loss-mask-type and the data file's keys come
+# from the top-K file.
 OFFLINE_DEFAULTS: tuple[tuple[str, ...], ...] = (
     ("--rollout-function-path", "slime.rollout.sft_rollout.generate_rollout"),
     ("--custom-convert-samples-to-train-data-path", "slime_self_distill.custom_convert.convert_samples_to_train_data"),
     ("--loss-type", "custom_loss"),
     ("--custom-loss-function-path", "slime_self_distill.custom_loss.self_distill_loss"),
     ("--custom-megatron-init-path", "slime_self_distill.megatron_hooks.install"),
-    ("--input-key", "messages"),
     ("--debug-train-only",),
     ("--disable-compute-advantages-and-returns",),
 )
@@ -233,8 +233,8 @@ def fill_plugin_defaults(argv: Sequence[str], config: SelfDistillConfig) -> tupl
 
 
 def offline_file_defaults(config: SelfDistillConfig, present: set) -> list[list[str]]:
-    """``--prompt-data`` (the data file beside the top-K file) and ``--loss-mask-type`` (the one extraction used),
-    unless given."""
+    """``--prompt-data`` (the data file beside the top-K file), ``--loss-mask-type`` and the data file's keys
+    (``--input-key``, ``--tool-key``, ``--metadata-key``: the ones extraction used), unless given."""
     from slime_self_distill.offline.rollout import open_topk_file
     from slime_self_distill.offline.topk_file import TopKFileError
 
@@ -245,8 +245,10 @@ def offline_file_defaults(config: SelfDistillConfig, present: set) -> list[list[
     filled = []
     if "--prompt-data" not in present:
         filled.append(["--prompt-data", info.data_path(config.offline_topk_path)])
-    if "--loss-mask-type" not in present:
-        filled.append(["--loss-mask-type", info.loss_mask_type])
+    for flag, value in (("--loss-mask-type", info.loss_mask_type), ("--input-key", info.messages_key),
+                        ("--tool-key", info.tool_key), ("--metadata-key", info.metadata_key)):
+        if flag not in present:
+            filled.append([flag, value])
     return filled
 
 
@@ -486,9 +488,14 @@ def check_prompt_data(plan: LaunchPlan) -> Optional[str]:
     if path is None:
         return "no --prompt-data: no data checked"
     if plan.config.offline:
-        from slime_self_distill.offline.rollout import check_data_file
+        from slime_self_distill.offline.rollout import DataFileKeys, check_data_file
 
-        return check_data_file(path, values["metadata_key"], plan.config.offline_topk_path)
+        tokenizer = values["hf_checkpoint"]
+        keys = DataFileKeys(input_key=values["input_key"], metadata_key=values["metadata_key"],
+                            tool_key=values["tool_key"] or None,
+                            loss_mask_type=flag_value(plan.slime_argv, "--loss-mask-type") or "qwen",
+                            tokenizer=tokenizer if tokenizer and os.path.isdir(tokenizer) else None)
+        return check_data_file(path, keys, plan.config.offline_topk_path)
     apply_chat_template = bool(plan.recipe.get("apply_chat_template",
                                                "--apply-chat-template" in given_flags(plan.slime_argv)))
     tokens, rendering = teacher_prompt_counter(values.pop("hf_checkpoint"), apply_chat_template,

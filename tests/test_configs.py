@@ -52,7 +52,8 @@ def small_topk_file() -> str:
                                 "metadata": {"self_distill_topk": {"idx": idx, "digest": "0", "trained_tokens": 1,
                                                                    "extraction": "e"}}})
                     + "\n")
-    info = TopKFileInfo(k=2, values="logprobs", temperature=1.0, loss_mask_type="qwen3", teacher="t", tokenizer="t",
+    info = TopKFileInfo(k=2, values="logprobs", temperature=1.0, loss_mask_type="qwen3", messages_key="messages",
+                        tool_key="tools", metadata_key="metadata", teacher="t", tokenizer="t",
                         chat_template_sha256="", vocab_size=8, rows=2, trained_tokens=2, data_file="data.jsonl",
                         data_sha256="", extraction="e")
     path = os.path.join(directory, "teacher_topk.parquet")

@@ -582,7 +582,8 @@ def test_outputs_are_0644_under_umask_022_and_failed_runs_leave_them_untouched(t
 
 # ---------------------------------------------------------------------- 7. TopKFile
 def topk_info(rows: int, trained_tokens: int, k: int, data_file: str = "data.jsonl") -> TopKFileInfo:
-    return TopKFileInfo(k=k, values="logprobs", temperature=1.0, loss_mask_type="qwen", teacher="/teacher",
+    return TopKFileInfo(k=k, values="logprobs", temperature=1.0, loss_mask_type="qwen", messages_key="messages",
+                        tool_key="tools", metadata_key="metadata", teacher="/teacher",
                         tokenizer="/teacher", chat_template_sha256="0" * 64, vocab_size=1000, rows=rows,
                         trained_tokens=trained_tokens, data_file=data_file, data_sha256="0" * 64,
                         extraction="0" * 16)

@@ -331,14 +331,38 @@ def test_a_data_file_of_another_extraction_is_refused_row_by_row(files, qwen25_s
         convert(converter_args(other_topk, "qwen"), copy.deepcopy(qwen25_samples))
     data_file = os.path.join(files.logprobs, "data.jsonl")
     with pytest.raises(SelfDistillDataError, match="row 1: written by another extraction"):
-        check_data_file(data_file, "metadata", other_topk)
-    own = check_data_file(data_file, "metadata", os.path.join(files.logprobs, "teacher_topk.parquet"))
+        check_data_file(data_file, data_file_keys(), other_topk)
+    own = check_data_file(data_file, data_file_keys(), os.path.join(files.logprobs, "teacher_topk.parquet"))
     assert f"{len(ROWS)} rows" in own and "the data file extraction wrote" in own
     subset = tmp_path / "subset.jsonl"
     with open(data_file) as f:
         subset.write_text("".join(f.readlines()[1:]))
     assert "not the data file extraction wrote" in check_data_file(
-        str(subset), "metadata", os.path.join(files.logprobs, "teacher_topk.parquet"))
+        str(subset), data_file_keys(), os.path.join(files.logprobs, "teacher_topk.parquet"))
+
+
+def data_file_keys(**overrides):
+    from slime_self_distill.offline.rollout import DataFileKeys
+
+    return DataFileKeys(**{"input_key": "messages", "metadata_key": "metadata", "tool_key": "tools",
+                           "loss_mask_type": "qwen", **overrides})
+
+
+def test_the_launch_check_tokenizes_every_row_with_a_local_tokenizer(files, tmp_path):
+    """With --hf-checkpoint a local directory, --check-only finds at launch what the converter would stop at later."""
+    from slime_self_distill.data_source import SelfDistillDataError
+    from slime_self_distill.offline.rollout import check_data_file
+
+    topk = os.path.join(files.logprobs, "teacher_topk.parquet")
+    data_file = os.path.join(files.logprobs, "data.jsonl")
+    same = check_data_file(data_file, data_file_keys(tokenizer=files.tokenizers["qwen25"]), topk)
+    assert "every row tokenizes as extraction tokenized it" in same
+    with pytest.raises(SelfDistillDataError, match=r"row \d+: tokenizes into other tokens"):
+        check_data_file(data_file, data_file_keys(tokenizer=files.tokenizers["qwen3"]), topk)
+    with pytest.raises(SelfDistillDataError, match=r"row \d+: (tokenizes into other tokens|does not tokenize)"):
+        check_data_file(data_file, data_file_keys(tokenizer=files.tokenizers["qwen25"], loss_mask_type="qwen3"), topk)
+    with pytest.raises(SelfDistillDataError, match="row 1: no chat messages under --input-key 'prompt'"):
+        check_data_file(data_file, data_file_keys(input_key="prompt"), topk)
 
 
 def test_a_sample_without_its_record_is_refused(files, qwen25_samples):
@@ -516,7 +540,7 @@ def check_offline_training_step(slime, training, settings: dict, per_token: bool
         custom_megatron_before_train_step_hook_path=None, save_debug_train_data=None, enable_mtp_training=False,
         decoder_seq_length=None, ci_test=False, micro_batch_size=2, balance_data=False, balance_by_flops=False,
         padded_vocab_size=VOCAB, vocab_size=VOCAB, rollout_temperature=TEMPERATURE, loss_mask_type="qwen",
-        **{"self_distill_teacher": None, "self_distill_kl_scope": "topk", **settings,
+        n_samples_per_prompt=1, **{"self_distill_teacher": None, "self_distill_kl_scope": "topk", **settings,
            "self_distill_offline_topk_path": training.path}, **parallel,
     )
     set_attribute(slime.model, "get_args", lambda: args)  # megatron.training's global args, read by train_one_step
@@ -632,3 +656,20 @@ def _parallel_worker(rank: int, port: int, training) -> None:
 def test_tensor_and_context_parallel_training_steps_equal_brute_force(training_inputs):
     training = SimpleNamespace(**vars(training_inputs))
     mp.spawn(_parallel_worker, args=(free_port(), training), nprocs=2)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"loss_type": "sft_loss"}, "--loss-type custom_loss"),
+    ({"n_samples_per_prompt": 2}, "--n-samples-per-prompt 2"),
+    ({"apply_chat_template": True}, "--apply-chat-template"),
+    ({"allgather_cp": True, "context_parallel_size": 2}, "--allgather-cp"),
+])
+def test_slime_settings_the_offline_run_cannot_honour_are_refused(setting, message):
+    args = Namespace(**{"loss_type": "custom_loss", "n_samples_per_prompt": 1, "apply_chat_template": False,
+                        "allgather_cp": False, "context_parallel_size": 1, **setting})
+    config = SelfDistillConfig(kl_scope="topk", offline_topk_path="teacher_topk.parquet")
+    with pytest.raises(ConfigError, match=message):
+        megatron_hooks.check_offline_args(args, config)
+    megatron_hooks.check_offline_args(Namespace(**{**vars(args), **{
+        "loss_type": "custom_loss", "n_samples_per_prompt": 1, "apply_chat_template": False, "allgather_cp": False}}),
+        config)

@@ -58,6 +58,7 @@ PARTS_DIR_NAME = ".parts"
 SETTINGS_FILE_NAME = "settings.json"
 PROGRESS_INTERVAL_S = 60.0
 MERGE_POLL_S = 1.0
+LOGITS_CHECK_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ def _check_row(data: Any, args: argparse.Namespace, where: str) -> tuple[list, O
         raise ChatRowError(f"{where}: no {args.messages_key!r} column (columns: {sorted(data)}); name the chat "
                            "messages column with --messages-key")
     messages = normalise_messages(data[args.messages_key], where)
-    tools = data.get(args.tool_key) if args.tool_key else None
+    metadata = data.get(args.metadata_key) or {}
+    if not isinstance(metadata, dict):
+        raise ChatRowError(f"{where}: {args.metadata_key!r} must be an object (slime's --metadata-key), got "
+                           f"{type(metadata).__name__}")
+    # as slime's Dataset: the tools column, else the tools the row's metadata already holds
+    tools = data[args.tool_key] if args.tool_key and args.tool_key in data else metadata.get("tools")
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
@@ -95,10 +101,6 @@ def _check_row(data: Any, args: argparse.Namespace, where: str) -> tuple[list, O
             raise ChatRowError(f"{where}: {args.tool_key!r} is a string that is not JSON ({e})") from None
     if tools is not None and not isinstance(tools, list):
         raise ChatRowError(f"{where}: {args.tool_key!r} must be a list of tool definitions, got {type(tools).__name__}")
-    metadata = data.get(args.metadata_key) or {}
-    if not isinstance(metadata, dict):
-        raise ChatRowError(f"{where}: {args.metadata_key!r} must be an object (slime's --metadata-key), got "
-                           f"{type(metadata).__name__}")
     return messages, tools, metadata
 
 
@@ -132,7 +134,7 @@ def plan_rows(rows, tokenizer: Callable, args: argparse.Namespace) -> Plan:
         idx = len(plan.rows)
         aligned = dict(data)
         aligned[args.messages_key] = messages
-        if args.tool_key and tools is not None:
+        if args.tool_key and args.tool_key in data:
             aligned[args.tool_key] = tools
         aligned[args.metadata_key] = {**metadata, ROW_RECORD_KEY: {
             "idx": idx, "digest": sft.digest(), "trained_tokens": int(trained.size)}}
@@ -235,9 +237,10 @@ class Teacher:
     @torch.no_grad()
     def check_logits(self, row: Row) -> None:
         """Once: the model's own logits must be its output layer applied to the decoder's final hidden states (a model
-        that soft-caps or scales its logits after the output layer would give other top-K values)."""
-        tokens = torch.from_numpy(row.tokens.astype(np.int64))[None].to(self.device)
-        positions = torch.from_numpy(row.predicting[-8:]).to(self.device)
+        that soft-caps or scales its logits after the output layer would give other top-K values). On the row's first
+        ``LOGITS_CHECK_TOKENS`` tokens: the model's full logits of a long row would not fit beside a large teacher."""
+        tokens = torch.from_numpy(row.tokens[:LOGITS_CHECK_TOKENS].astype(np.int64))[None].to(self.device)
+        positions = torch.arange(max(0, tokens.shape[1] - 8), tokens.shape[1], device=self.device)
         expected = self.model(input_ids=tokens, use_cache=False).logits[0, positions].float()
         hidden = self.decoder(input_ids=tokens, use_cache=False)[0][0, positions]
         ours = self.head(hidden).float()
@@ -604,6 +607,7 @@ def finish(args: argparse.Namespace, plan: Plan, teacher: Teacher, tokenizer, pa
         pending.write(rejected_path, rejected_writer(plan.bad + plan.too_long))
         info = TopKFileInfo(
             k=args.top_k, values=args.values, temperature=args.temperature, loss_mask_type=args.loss_mask_type,
+            messages_key=args.messages_key, tool_key=args.tool_key or "", metadata_key=args.metadata_key,
             teacher=os.path.abspath(args.teacher), tokenizer=os.path.abspath(args.tokenizer or args.teacher),
             chat_template_sha256=chat_template_sha256(tokenizer), vocab_size=teacher.vocab_size,
             rows=len(plan.rows), trained_tokens=trained_tokens, data_file=DATA_FILE_NAME,

@@ -10,7 +10,9 @@ to other tokens. Reading is per rollout, only the row groups of the rollout's ro
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
 from slime_self_distill.data.sft_tokens import SftTokens
@@ -119,41 +121,79 @@ def stored_topk_payload(args: Any, samples: Sequence[Any], config: SelfDistillCo
     return payload
 
 
-def check_data_file(path: str, metadata_key: str, topk_path: str) -> str:
-    """The launcher's check of ``--prompt-data`` for offline distillation: every row has its alignment record, for a
-    distinct row of the top-K file; returns a one-line summary. (Tokens are checked in training, sample by sample.)"""
+@dataclass(frozen=True)
+class DataFileKeys:
+    """slime's flags that say where a data row's fields are, and how the run tokenizes it."""
+
+    input_key: str
+    metadata_key: str
+    tool_key: Optional[str]
+    loss_mask_type: str
+    tokenizer: Optional[str] = None  # a local --hf-checkpoint: every row is tokenized as slime's SFT rollout will
+
+
+def _row_problem(row: Any, keys: DataFileKeys, info: TopKFileInfo, seen: set,
+                 tokenize: Optional[Callable]) -> Optional[str]:
+    metadata = row.get(keys.metadata_key) if isinstance(row, dict) else None
+    record = metadata.get(ROW_RECORD_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("idx"), int):  # an unparseable line too
+        return f"no {keys.metadata_key}.{ROW_RECORD_KEY} record"
+    if record.get("extraction") != info.extraction:
+        return f"written by another extraction ({record.get('extraction')}) than the top-K file ({info.extraction})"
+    if record["idx"] in seen:
+        return f"idx {record['idx']} repeated"
+    if not 0 <= record["idx"] < info.rows:
+        return f"idx {record['idx']} is not in the top-K file ({info.rows} rows)"
+    seen.add(record["idx"])
+    if not isinstance(row.get(keys.input_key), list):
+        return (f"no chat messages under --input-key {keys.input_key!r} (extraction read "
+                f"{info.messages_key!r})")
+    if tokenize is not None:
+        # as slime's Dataset: the tools column, else the tools the row's metadata already holds
+        tools = row[keys.tool_key] if keys.tool_key and keys.tool_key in row else metadata.get("tools")
+        try:
+            digest = tokenize(row[keys.input_key], json.loads(tools) if isinstance(tools, str) else tools).digest()
+        except Exception as error:  # noqa: BLE001 - a row the chat template cannot render is that row's problem
+            return f"does not tokenize: {error}"
+        if digest != record["digest"]:
+            return (f"tokenizes into other tokens or another loss mask than extraction's (digest {digest} != "
+                    f"{record['digest']}): the tokenizer, chat template, --loss-mask-type or --tool-key differ")
+    return None
+
+
+def check_data_file(path: str, keys: DataFileKeys, topk_path: str) -> str:
+    """The launcher's check of ``--prompt-data`` for offline distillation: every row has its record, from the top-K
+    file's extraction, for a distinct row of it, and its chat messages; with a local tokenizer, every row tokenizes
+    as extraction tokenized it. Returns a one-line summary; raises ``SelfDistillDataError`` listing the bad rows."""
     from slime_self_distill.data.files import RowFileError, jsonl_rows, parquet_rows
+    from slime_self_distill.data.sft_tokens import SftTokenizer
     from slime_self_distill.data_source import SelfDistillDataError
     from slime_self_distill.offline.extraction import file_sha256
 
     info = open_topk_file(topk_path).info
+    tokenize = None
+    if keys.tokenizer is not None:
+        from slime_self_distill.data_source import load_hf_tokenizer
+
+        tokenize = SftTokenizer(load_hf_tokenizer(keys.tokenizer), keys.loss_mask_type)
     try:
         rows = parquet_rows(path)[1] if path.lower().endswith(".parquet") else jsonl_rows(path, accept_bom=False)
         problems, seen, count = [], set(), 0
         for number, row in rows:
             count += 1
-            metadata = row.get(metadata_key) if isinstance(row, dict) else None
-            record = metadata.get(ROW_RECORD_KEY) if isinstance(metadata, dict) else None
-            if not isinstance(record, dict) or not isinstance(record.get("idx"), int):  # an unparseable line too
-                problems.append(f"row {number}: no {metadata_key}.{ROW_RECORD_KEY} record")
-            elif record.get("extraction") != info.extraction:
-                problems.append(f"row {number}: written by another extraction ({record.get('extraction')}) than the "
-                                f"top-K file ({info.extraction})")
-            elif record["idx"] in seen:
-                problems.append(f"row {number}: idx {record['idx']} repeated")
-            elif not 0 <= record["idx"] < info.rows:
-                problems.append(f"row {number}: idx {record['idx']} is not in the top-K file ({info.rows} rows)")
-            else:
-                seen.add(record["idx"])
+            problem = _row_problem(row, keys, info, seen, tokenize)
+            if problem is not None:
+                problems.append(f"row {number}: {problem}")
     except (OSError, RowFileError) as error:
         raise SelfDistillDataError(f"--prompt-data {path}: cannot be read ({error})") from None
     if problems:
         listing = "\n".join(f"  {problem}" for problem in problems[:20])
         raise SelfDistillDataError(
-            f"--prompt-data {path}: {len(problems)} of {count} rows do not belong to the teacher top-K file "
-            f"{topk_path} (use the data file extraction wrote beside it, {info.data_file}):\n{listing}"
+            f"--prompt-data {path}: {len(problems)} of {count} rows would fail with the teacher top-K file "
+            f"{topk_path} (its data file is {info.data_file}, beside it):\n{listing}"
         )
     same = file_sha256(path) == info.data_sha256
-    return (f"--prompt-data {path}: {count} rows, each with its teacher top-K row (K={info.k}, {info.values}); "
-            + ("the data file extraction wrote" if same else "not the data file extraction wrote: each row's tokens "
-               "are checked against its top-K row in training"))
+    tokens = ("every row tokenizes as extraction tokenized it" if tokenize is not None else
+              "tokens are checked in training, sample by sample (give a local --hf-checkpoint to check them now)")
+    return (f"--prompt-data {path}: {count} rows, each with its teacher top-K row (K={info.k}, {info.values}), "
+            f"{'the data file extraction wrote' if same else 'not the data file extraction wrote'}; {tokens}")

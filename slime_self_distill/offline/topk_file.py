@@ -44,6 +44,9 @@ class TopKFileInfo:
     values: str  # "logprobs" (log-softmax at --temperature) or "logits" (raw)
     temperature: float
     loss_mask_type: str  # slime's --loss-mask-type the rows were tokenized with
+    messages_key: str  # the data file's chat messages column (slime's --input-key)
+    tool_key: str  # its tools column (slime's --tool-key; "" for none)
+    metadata_key: str  # its metadata column (slime's --metadata-key)
     teacher: str
     tokenizer: str
     chat_template_sha256: str

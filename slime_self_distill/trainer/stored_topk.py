@@ -30,8 +30,9 @@ def response_rows(stored: StoredTopK, response_loss_mask: torch.Tensor) -> tuple
         raise ValueError(f"data row idx {stored.idx}: {int(trained.sum())} trained tokens in the training batch, "
                          f"{rows} stored teacher rows (the converter checked them: the loss mask changed on the way)")
     ids, log_probs = placeholder_topk(trained.numel(), k)
-    ids[trained] = torch.from_numpy(stored.ids)
-    log_probs[trained] = teacher_log_probs(torch.from_numpy(stored.values), stored.value_kind)
+    # copies: Ray hands the arrays over read-only, which torch.from_numpy warns about
+    ids[trained] = torch.tensor(stored.ids)
+    log_probs[trained] = teacher_log_probs(torch.tensor(stored.values), stored.value_kind)
     return ids, log_probs
 
 
