@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import median_seconds, packed_micro_batch, single_rank_slime  # noqa: E402
 from slime_self_distill.config import SelfDistillConfig  # noqa: E402
 from slime_self_distill.data.sft_tokens import SftTokenizer  # noqa: E402
 from slime_self_distill.extract_teacher_topk import main as extract  # noqa: E402
@@ -35,16 +34,6 @@ from slime_self_distill.offline.topk_file import TopKFile  # noqa: E402
 
 WORDS = ("the answer is we add twelve and thirty so the sum is forty two because each step follows from the last "
          "let us check the units and the tens again before writing the final result").split()
-
-
-def median_seconds(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def chat_rows(rows: int, response_words: int) -> list:
@@ -116,31 +105,16 @@ def extraction(args) -> dict:
 
 
 def loss_side(args) -> None:
-    try:
-        from tests.slime_cpu_harness import destroy_gloo, free_port, import_slime_megatron, init_gloo
-        slime = import_slime_megatron()
-    except ImportError as error:
-        print(f"loss: skipped, slime is not importable ({error})")
-        return
-    from megatron.core import mpu
-
-    init_gloo(0, 1, free_port(), slime_group=True)
-    mpu.initialize_model_parallel(1, 1)
-    try:
+    with single_rank_slime("loss") as slime:
+        if slime is None:
+            return
         g = torch.Generator().manual_seed(0)
         n = 4
         response = args.loss_rows // n
-        prompt = 16
-        tokens = [torch.randint(0, args.vocab, (prompt + response,), generator=g) for _ in range(n)]
-        logits = torch.randn(1, n * (prompt + response), args.vocab, generator=g)
+        logits, batch = packed_micro_batch(n, 16, response, args.vocab, g)
         teacher = torch.randn(response, args.vocab, generator=g).log_softmax(-1).topk(args.topk, -1)
-        batch = {
-            "unconcat_tokens": tokens, "total_lengths": [prompt + response] * n, "response_lengths": [response] * n,
-            "loss_masks": [torch.ones(response, dtype=torch.int)] * n,
-            "rollout_mask_sums": [torch.tensor(float(response))] * n,
-            "teacher_topk_indices": [teacher.indices.to(torch.int32)] * n,
-            "teacher_topk_log_probs": [teacher.values] * n,
-        }
+        batch["teacher_topk_indices"] = [teacher.indices.to(torch.int32)] * n
+        batch["teacher_topk_log_probs"] = [teacher.values] * n
         common = dict(calculate_per_token_loss=True, recompute_loss_function=False, allgather_cp=False,
                       rollout_temperature=1.0, log_probs_chunk_size=-1,
                       custom_loss_function_path="slime_self_distill.custom_loss.self_distill_loss")
@@ -157,11 +131,8 @@ def loss_side(args) -> None:
 
         sft = median_seconds(step_of("sft_loss"), args.repeats)
         kd = median_seconds(step_of("custom_loss"), args.repeats)
-        print(f"loss: forward + backward on [{n * (prompt + response)}, {args.vocab}] logits, K {args.topk}: SFT + KD "
+        print(f"loss: forward + backward on [{logits.shape[1]}, {args.vocab}] logits, K {args.topk}: SFT + KD "
               f"{kd / sft:.2f} x slime's sft_loss ({sft:.3f} s)")
-    finally:
-        mpu.destroy_model_parallel()
-        destroy_gloo()
 
 
 def main(argv=None) -> None:

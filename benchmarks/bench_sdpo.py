@@ -19,7 +19,6 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import median_seconds, packed_micro_batch, single_rank_slime  # noqa: E402
 from slime_self_distill.config import SelfDistillConfig  # noqa: E402
 from slime_self_distill.contexts.groups import sdpo_contexts  # noqa: E402
 from slime_self_distill.custom_convert import (  # noqa: E402
@@ -46,16 +46,6 @@ from tests.tokenizer_factory import make_tokenizer  # noqa: E402
 
 WORDS = ("the answer is we add twelve and thirty so the sum is forty two because each step follows from the last "
          "let us check the units and the tens again before writing the final result").split()
-
-
-def median_seconds(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def rollout(tokenizer, groups: int, group_size: int, response_chars: int, seed: int = 0) -> list:
@@ -119,36 +109,23 @@ def rollout_side(args) -> None:
 
 
 def trainer_side(args) -> None:
-    try:
-        from tests.slime_cpu_harness import destroy_gloo, free_port, import_slime_megatron, init_gloo
-        slime = import_slime_megatron()
-    except ImportError as error:
-        print(f"trainer side: skipped, slime is not importable ({error})")
-        return
-    from megatron.core import mpu
-
-    init_gloo(0, 1, free_port(), slime_group=True)
-    mpu.initialize_model_parallel(1, 1)
-    try:
+    with single_rank_slime("trainer side") as slime:
+        if slime is None:
+            return
         g = torch.Generator().manual_seed(0)
         n = 4
         response = args.rows // n
-        prompt = 16
-        tokens = [torch.randint(0, args.vocab, (prompt + response,), generator=g) for _ in range(n)]
-        logits = torch.randn(1, n * (prompt + response), args.vocab, generator=g)
+        logits, batch = packed_micro_batch(n, 16, response, args.vocab, g)
         hidden_size = 64
         output_weight = torch.randn(args.vocab, hidden_size, generator=g) / hidden_size**0.5
         hidden = [torch.randn(response, hidden_size, generator=g) for _ in range(n)]
-        batch = {
-            "unconcat_tokens": tokens, "total_lengths": [prompt + response] * n, "response_lengths": [response] * n,
-            "loss_masks": [torch.ones(response, dtype=torch.int)] * n,
-            "rollout_mask_sums": [torch.tensor(float(response))] * n,
+        batch.update({
             "advantages": [torch.full((response,), float(i % 2) - 0.5) for i in range(n)],
             "log_probs": [torch.full((response,), -3.0)] * n,
             "teacher_log_probs": [torch.full((response,), -2.0)] * n, "teacher_hidden_states": hidden,
             "self_distill_teacher_output_weight": output_weight,
             "self_distill_loss_weights": [1.0] * n,
-        }
+        })
         common = dict(calculate_per_token_loss=False, recompute_loss_function=False, allgather_cp=False,
                       rollout_temperature=1.0, log_probs_chunk_size=-1, rollout_top_p=1.0, advantage_estimator="grpo",
                       use_rollout_logprobs=False, eps_clip=0.2, eps_clip_high=0.28, eps_clip_c=None, use_opsm=False,
@@ -171,12 +148,9 @@ def trainer_side(args) -> None:
         policy = median_seconds(step_of("policy_loss", "none"), args.repeats)
         none = median_seconds(step_of("custom_loss", "none"), args.repeats)
         hybrid = median_seconds(step_of("custom_loss", "hybrid"), args.repeats)
-        print(f"trainer side: loss forward + backward on [{n * (prompt + response)}, {args.vocab}] logits, relative to "
+        print(f"trainer side: loss forward + backward on [{logits.shape[1]}, {args.vocab}] logits, relative to "
               f"slime's policy_loss ({policy:.3f} s): distillation alone {none / policy:.2f}, "
               f"hybrid (policy + distillation) {hybrid / policy:.2f}")
-    finally:
-        mpu.destroy_model_parallel()
-        destroy_gloo()
 
 
 def main() -> None:

@@ -107,6 +107,14 @@ def check_reward_args(args: Any) -> None:
         )
 
 
+def refuse_allgather_cp(args: Any, what: str) -> None:
+    if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
+        raise ConfigError(
+            f"--allgather-cp with --context-parallel-size > 1 is not supported: {what} follow the zigzag "
+            "context-parallel layout of slime's default CP; drop --allgather-cp"
+        )
+
+
 def check_args(args: Any, config: SelfDistillConfig) -> None:
     """Refuse slime settings under which the teacher pass would not run, or would run with the wrong teacher."""
     check_reward_args(args)
@@ -201,11 +209,7 @@ def check_args(args: Any, config: SelfDistillConfig) -> None:
                 "--log-correct-samples reads the student log-probs that --use-rollout-logprobs stops slime from "
                 "computing (slime would fail in its rollout metrics); drop one of them"
             )
-    if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
-        raise ConfigError(
-            "--allgather-cp with --context-parallel-size > 1 is not supported: the teacher outputs follow the zigzag "
-            "context-parallel layout of slime's default CP; drop --allgather-cp"
-        )
+    refuse_allgather_cp(args, "the teacher outputs")
     if config.kl_scope != "sampled_token":
         host_memory.hidden_size_of(args)
     if getattr(args, "use_opd", False):
@@ -521,11 +525,7 @@ def check_offline_args(args: Any, config: SelfDistillConfig) -> None:
             "--apply-chat-template renders each row's messages into a string before slime's SFT rollout, which "
             "tokenizes the messages itself (as extraction did); drop it"
         )
-    if getattr(args, "allgather_cp", False) and getattr(args, "context_parallel_size", 1) > 1:
-        raise ConfigError(
-            "--allgather-cp with --context-parallel-size > 1 is not supported: the stored teacher rows follow the "
-            "zigzag context-parallel layout of slime's default CP; drop --allgather-cp"
-        )
+    refuse_allgather_cp(args, "the stored teacher rows")
 
 
 def wrap_rollout_data_consumer(original: Callable) -> Callable:

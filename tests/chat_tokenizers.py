@@ -130,19 +130,12 @@ _CORPUS = [
 
 
 def _train(special: list[str], added: list[str], template: str, bos: str | None, eos: str, vocab_size: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    from tests.tokenizer_factory import trained_byte_level_bpe
+
+    core = trained_byte_level_bpe(_CORPUS, special, vocab_size)
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if bos is not None:
         # Like Llama-family tokenizers: BOS is prepended unless add_special_tokens=False.
@@ -164,3 +157,29 @@ def chat_tokenizer(family: str):
 
 
 FAMILIES = ("qwen25", "qwen3", "qwen3_5", "r1_distill")
+
+
+# Chat rows shared by the tests: a tool that the assistant calls twice, two tool results in a row.
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def weather_call(city: str) -> dict:
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+WEATHER_TURNS = [  # a question, two calls, two results (one user turn for Qwen templates), the answer
+    {"role": "user", "content": "What is the weather in Paris and in Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [weather_call("Paris"), weather_call("Rome")]},
+    {"role": "tool", "name": "get_weather", "content": '{"temperature": 21, "sky": "sunny"}'},
+    {"role": "tool", "name": "get_weather", "content": '{"temperature": 14, "sky": "rainy"}'},
+    {"role": "assistant", "content": "Paris is sunny, Rome is rainy."},
+]

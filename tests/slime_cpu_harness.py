@@ -236,3 +236,18 @@ def destroy_gloo() -> None:
 
         set_gloo_group(None)
     dist.destroy_process_group()
+
+
+# (TP, CP, sequence parallelism) of the two-rank training-step tests
+TWO_RANK_LAYOUTS = ((2, 1, False), (2, 1, True), (1, 2, False))
+
+
+def each_two_rank_layout():
+    """Megatron's parallel state set to each of ``TWO_RANK_LAYOUTS`` in turn: yields (tp, cp, sequence_parallel),
+    destroys the state after each."""
+    from megatron.core import mpu
+
+    for tp_size, cp_size, sequence_parallel in TWO_RANK_LAYOUTS:
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
+        yield tp_size, cp_size, sequence_parallel
+        mpu.destroy_model_parallel()

@@ -23,6 +23,7 @@ from tests.slime_cpu_harness import (
     TinyCausalLM,
     brute_force_teacher,
     destroy_gloo,
+    each_two_rank_layout,
     free_port,
     import_slime_megatron,
     init_gloo,
@@ -241,12 +242,9 @@ def test_reference_sees_the_teacher_prompt(slime_megatron):
 # ---------------------------------------------------------------------- TP=2 and CP=2, two gloo processes
 def _parallel_worker(rank: int, port: int) -> None:
     slime = import_slime_megatron()
-    from megatron.core import mpu
-
     init_gloo(rank, 2, port, slime_group=True)
     point_slime_at_cpu()
-    for tp_size, cp_size, sequence_parallel in ((2, 1, False), (2, 1, True), (1, 2, False)):
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
+    for tp_size, cp_size, sequence_parallel in each_two_rank_layout():
         for scope in SCOPES:
             for per_token in (False, True):
                 check_training_step(slime, scope, per_token, seed=41, sequence_parallel=sequence_parallel,
@@ -255,7 +253,6 @@ def _parallel_worker(rank: int, port: int) -> None:
         check_training_step(slime, "topk_student", False, seed=43, sequence_parallel=sequence_parallel,
                             recompute_loss_function=True, tensor_model_parallel_size=tp_size,
                             context_parallel_size=cp_size)
-        mpu.destroy_model_parallel()
     destroy_gloo()
 
 

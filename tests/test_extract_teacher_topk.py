@@ -465,14 +465,19 @@ def test_interrupted_merge_leaves_no_output_and_resumes_without_computing(tmp_pa
     assert_same_output(reference, extracted(), output_dir)
 
 
-def test_changed_settings_are_refused_while_parts_exist_and_overwrite_starts_over(tmp_path, monkeypatch, capsys,
-                                                                                  teacher_dir, chat_file, reference):
-    output_dir = tmp_path / "out"
+def leave_two_rows_in_parts(monkeypatch, teacher_dir, chat_file, output_dir) -> None:
+    """An extraction interrupted at its third row, with a part file per finished row."""
     with monkeypatch.context() as patch:
         write_a_part_per_row(patch)
         TeacherCalls(patch, interrupt_at=2)
         with pytest.raises(KeyboardInterrupt):
             extract(teacher_dir, chat_file, output_dir, *A_ROW_PER_BATCH)
+
+
+def test_changed_settings_are_refused_while_parts_exist_and_overwrite_starts_over(tmp_path, monkeypatch, capsys,
+                                                                                  teacher_dir, chat_file, reference):
+    output_dir = tmp_path / "out"
+    leave_two_rows_in_parts(monkeypatch, teacher_dir, chat_file, output_dir)
     parts_before = sorted(os.listdir(output_dir / ".parts"))
     capsys.readouterr()
 
@@ -547,11 +552,7 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path, teacher_dir, cha
 @pytest.mark.distributed
 def test_rank_0s_refusal_of_old_parts_stops_every_rank_with_its_message(tmp_path, monkeypatch, teacher_dir, chat_file):
     output_dir = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        write_a_part_per_row(patch)
-        TeacherCalls(patch, interrupt_at=2)
-        with pytest.raises(KeyboardInterrupt):
-            extract(teacher_dir, chat_file, output_dir, *A_ROW_PER_BATCH)
+    leave_two_rows_in_parts(monkeypatch, teacher_dir, chat_file, output_dir)
     codes, outputs = run_two_ranks(command_line(teacher_dir, chat_file, output_dir, "--top-k", TOP_K + 1))
     assert codes == [2, 2], "\n".join(outputs)
     for output in outputs:  # rank 1 did not wait in a barrier for a rank 0 that had stopped

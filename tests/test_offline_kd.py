@@ -39,10 +39,11 @@ from slime_self_distill.config import ConfigError, SelfDistillConfig
 from slime_self_distill.offline.rollout import OfflineTopKError
 from slime_self_distill.offline.topk_file import ROW_RECORD_KEY, TopKFileError
 from slime_self_distill.teacher_view import PAYLOAD_KEY, StoredTopK
-from tests.chat_tokenizers import chat_tokenizer
+from tests.chat_tokenizers import WEATHER_TOOLS, WEATHER_TURNS, chat_tokenizer
 from tests.megatron_gpt import MegatronTinyGPT
 from tests.slime_cpu_harness import (
     destroy_gloo,
+    each_two_rank_layout,
     free_port,
     import_slime_megatron,
     init_gloo,
@@ -64,14 +65,6 @@ KD_WEIGHT = 0.8
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly."}
 ASK = {"role": "user", "content": "What is 12 + 30?"}
 ANSWER = {"role": "assistant", "content": "12 + 30 = 42."}
-WEATHER_TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-def _call(city: str) -> dict:
-    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
-
 
 ROWS = [
     {"messages": [SYSTEM, ASK, ANSWER], "metadata": {"source_name": "arith"}},
@@ -83,12 +76,7 @@ ROWS = [
         {"role": "assistant", "content": "10 + 30 = 40, then 2 + 1 = 3, so 43."},
     ]},
     {"messages": [  # tools: calls, two tool results in one user turn, a final answer
-        SYSTEM,
-        {"role": "user", "content": "What is the weather in Paris and in Rome?"},
-        {"role": "assistant", "content": None, "tool_calls": [_call("Paris"), _call("Rome")]},
-        {"role": "tool", "name": "get_weather", "content": '{"temperature": 21, "sky": "sunny"}'},
-        {"role": "tool", "name": "get_weather", "content": '{"temperature": 14, "sky": "rainy"}'},
-        {"role": "assistant", "content": "Paris is sunny, Rome is rainy."},
+        SYSTEM, *WEATHER_TURNS,
     ], "tools": WEATHER_TOOLS},
     {"messages": [ASK, {**ANSWER, "reasoning_content": "Add the tens first."}]},
 ]
@@ -637,18 +625,14 @@ def test_the_offline_topk_kd_recipe_through_the_launcher(training_inputs, slime_
 
 def _parallel_worker(rank: int, port: int, training) -> None:
     slime = import_slime_megatron()
-    from megatron.core import mpu
-
     init_gloo(rank, 2, port, slime_group=True)
     point_slime_at_cpu()
-    for tp_size, cp_size, sequence_parallel in ((2, 1, False), (2, 1, True), (1, 2, False)):
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp_size, context_parallel_size=cp_size)
+    for tp_size, cp_size, sequence_parallel in each_two_rank_layout():
         for case in LOSS_CASES:
             for per_token in (False, True):
                 check_offline_training_step(slime, training, LOSS_CASES[case], per_token,
                                             sequence_parallel=sequence_parallel, tensor_model_parallel_size=tp_size,
                                             context_parallel_size=cp_size)
-        mpu.destroy_model_parallel()
     destroy_gloo()
 
 

@@ -15,7 +15,7 @@ from slime_self_distill.data.sft_tokens import (
     SftTokens,
     normalise_messages,
 )
-from tests.chat_tokenizers import FAMILIES, chat_tokenizer
+from tests.chat_tokenizers import FAMILIES, WEATHER_TOOLS, WEATHER_TURNS, chat_tokenizer, weather_call
 from tests.slime_support import needs_slime
 
 WHERE = "row 17 (line 18)"
@@ -29,29 +29,11 @@ THINK_ANSWER = {
 }
 
 
-def _call(city: str) -> dict:
-    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
-
-
-WEATHER_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 TOOL_CHAT = [
     SYSTEM,
-    {"role": "user", "content": "What is the weather in Paris and in Rome?"},
-    {"role": "assistant", "content": None, "tool_calls": [_call("Paris"), _call("Rome")]},
-    {"role": "tool", "name": "get_weather", "content": '{"temperature": 21, "sky": "sunny"}'},
-    {"role": "tool", "name": "get_weather", "content": '{"temperature": 14, "sky": "rainy"}'},
-    {"role": "assistant", "content": "Paris is sunny, Rome is rainy."},
+    *WEATHER_TURNS,
     {"role": "user", "content": "And in Oslo?"},
-    {"role": "assistant", "content": "Let me check.", "tool_calls": [_call("Oslo")]},
+    {"role": "assistant", "content": "Let me check.", "tool_calls": [weather_call("Oslo")]},
     {"role": "tool", "name": "get_weather", "content": '{"temperature": 3, "sky": "snow"}'},
     {"role": "assistant", "content": "<think>\nIt is cold.\n</think>\n\nOslo has snow."},
 ]
@@ -250,13 +232,13 @@ def test_digest_is_stable_and_sensitive():
 def test_normalise_maps_aliases_and_keeps_other_keys():
     messages = [
         {"role": "Human", "content": "Weather in Paris?"},
-        {"role": "gpt", "content": None, "tool_calls": [_call("Paris")]},
+        {"role": "gpt", "content": None, "tool_calls": [weather_call("Paris")]},
         {"role": "function", "name": "get_weather", "content": "sunny"},
         {"role": "model", "content": "Sunny.", "reasoning_content": "Read the tool.", "step_loss_mask": 1},
     ]
     out = normalise_messages(messages, WHERE)
     assert [m["role"] for m in out] == ["user", "assistant", "tool", "assistant"]
-    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [_call("Paris")]}
+    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [weather_call("Paris")]}
     assert out[2]["name"] == "get_weather" and out[3]["reasoning_content"] == "Read the tool."
     assert messages[0]["role"] == "Human" and messages[1]["content"] is None  # the input is not modified
     assert set(ROLE_ALIASES.values()) <= {"system", "user", "assistant", "tool"}

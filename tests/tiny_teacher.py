@@ -3,18 +3,7 @@ tokenizers of ``tests.chat_tokenizers``, and chat rows to extract from: no downl
 
 from __future__ import annotations
 
-from tests.chat_tokenizers import chat_tokenizer
-
-WEATHER_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
+from tests.chat_tokenizers import WEATHER_TOOLS, chat_tokenizer, weather_call
 
 
 def save_tiny_teacher(directory, family: str = "qwen25", seed: int = 0) -> str:
@@ -39,10 +28,6 @@ def save_tiny_teacher(directory, family: str = "qwen25", seed: int = 0) -> str:
     )
     Qwen2ForCausalLM(config).save_pretrained(directory)
     return str(directory)
-
-
-def _weather_call(city: str) -> dict:
-    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
 
 
 def chat_rows(count: int = 12) -> list:
@@ -71,7 +56,7 @@ def chat_rows(count: int = 12) -> list:
             messages = [
                 {"role": "system", "content": "You are a careful assistant."},
                 {"role": "user", "content": "What is the weather in Paris and in Rome?"},
-                {"role": "assistant", "content": None, "tool_calls": [_weather_call("Paris"), _weather_call("Rome")]},
+                {"role": "assistant", "content": None, "tool_calls": [weather_call("Paris"), weather_call("Rome")]},
                 {"role": "tool", "name": "get_weather", "content": '{"temperature": 21, "sky": "sunny"}'},
                 {"role": "tool", "name": "get_weather", "content": '{"temperature": %d, "sky": "rainy"}' % i},
                 {"role": answer_role, "content": "Paris is sunny, Rome is rainy." + " Take a coat." * (i % 2)},

@@ -28,21 +28,28 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def make_tokenizer(vocab_size: int = 400):
+def trained_byte_level_bpe(corpus: list, special_tokens: list, vocab_size: int):
+    """A ``tokenizers`` byte-level BPE trained on ``corpus`` (4 passes), with ``special_tokens`` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    core.train_from_iterator(corpus * 4, trainer=trainer)
+    return core
+
+
+@functools.lru_cache(maxsize=None)
+def make_tokenizer(vocab_size: int = 400):
+    from transformers import PreTrainedTokenizerFast
+
+    core = trained_byte_level_bpe(_CORPUS, SPECIAL_TOKENS, vocab_size)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
