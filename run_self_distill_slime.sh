@@ -90,8 +90,19 @@ if [[ -n "${LABEL_KEY:-}" ]]; then
   REWARD_ARGS+=(--label-key "${LABEL_KEY}")
 fi
 
+# The recipes carry their method's rollout shape and optimizer settings (slime_args); set these to override them
+# (or to give a recipe without them its values).
+optional_flag() {  # optional_flag ARRAY_NAME FLAG VARIABLE_NAME: append "FLAG value" when the variable is set
+  local -n target="$1"
+  if [[ -n "${!3:-}" ]]; then
+    target+=("$2" "${!3}")
+  fi
+}
 if [[ -n "${OFFLINE_TOPK}" ]]; then
-  ROLLOUT_ARGS=(--self-distill-offline-topk-path "${OFFLINE_TOPK}" --metadata-key "${METADATA_KEY:-metadata}")
+  # the launcher takes the data file's keys from the top-K file; METADATA_KEY / INPUT_KEY override them
+  ROLLOUT_ARGS=(--self-distill-offline-topk-path "${OFFLINE_TOPK}")
+  optional_flag ROLLOUT_ARGS --metadata-key METADATA_KEY
+  optional_flag ROLLOUT_ARGS --input-key INPUT_KEY
   if [[ -n "${PROMPT_DATA:-}" ]]; then
     ROLLOUT_ARGS+=(--prompt-data "${PROMPT_DATA}")
   fi
@@ -103,14 +114,6 @@ else
     --rollout-shuffle
   )
 fi
-# The recipes carry their method's rollout shape and optimizer settings (slime_args); set these to override them
-# (or to give a recipe without them its values).
-optional_flag() {  # optional_flag ARRAY_NAME FLAG VARIABLE_NAME: append "FLAG value" when the variable is set
-  local -n target="$1"
-  if [[ -n "${!3:-}" ]]; then
-    target+=("$2" "${!3}")
-  fi
-}
 optional_flag ROLLOUT_ARGS --num-rollout NUM_ROLLOUT
 optional_flag ROLLOUT_ARGS --num-epoch NUM_EPOCH
 optional_flag ROLLOUT_ARGS --rollout-batch-size ROLLOUT_BATCH_SIZE

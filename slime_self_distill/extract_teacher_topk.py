@@ -14,4 +14,9 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished part files are kept in <output-dir>/.parts; run the same command again to "
+              "continue from them", file=sys.stderr)
+        sys.exit(130)

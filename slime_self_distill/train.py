@@ -402,6 +402,14 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
     except ConfigError as error:
         where = f" (settings from the command line and {CUSTOM_CONFIG_FLAG} {path})" if path else ""
         raise ConfigError(f"{error}{where}") from None
+    if config.offline:  # a K over the file's would otherwise stop the first rollout
+        from slime_self_distill.offline.rollout import open_topk_file, used_k
+        from slime_self_distill.offline.topk_file import TopKFileError
+
+        try:
+            used_k(open_topk_file(config.offline_topk_path).info, config, explicit)
+        except TopKFileError as error:
+            raise ConfigError(f"{flag_name('offline_topk_path')}: {error}") from None
     warnings = config.ineffective_settings(explicit)
     warnings += [f"{flag_name(key[len(ARG_PREFIX):])} {value} on the command line replaces '{key}: {from_yaml[key]}' "
                  f"of {CUSTOM_CONFIG_FLAG} {path}" for key, value in overrides.items()]

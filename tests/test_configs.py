@@ -64,9 +64,7 @@ def small_topk_file() -> str:
 
 
 def plan(name: str):
-    # the offline recipe leaves the batch sizes to the user (slime requires --rollout-batch-size)
-    offline = (["--self-distill-offline-topk-path", small_topk_file(), "--rollout-batch-size", "128"]
-               if name == OFFLINE_RECIPE else [])
+    offline = ["--self-distill-offline-topk-path", small_topk_file()] if name == OFFLINE_RECIPE else []
     return plan_launch(["--custom-config-path", str(CONFIG_DIR / name), "--ref-load", "/ckpt/initial", *offline])
 
 
@@ -192,11 +190,30 @@ def test_the_offline_recipe_runs_slimes_sft_loop_on_the_extracted_data():
 def test_the_offline_recipe_without_its_file_names_the_flag():
     from slime_self_distill.config import ConfigError
 
+    recipe = ["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE)]
+    directory = os.path.dirname(small_topk_file())
+    with pytest.raises(ConfigError, match="is a directory; give the file inside it"):
+        plan_launch([*recipe, "--self-distill-offline-topk-path", directory])
+    with pytest.raises(ConfigError, match="not its data file"):
+        plan_launch([*recipe, "--self-distill-offline-topk-path", os.path.join(directory, "data.jsonl")])
+    with pytest.raises(ConfigError, match="holds K=2 per token; use at most 2"):  # at launch, not at the 1st rollout
+        plan_launch([*recipe, "--self-distill-offline-topk-path", small_topk_file(), "--self-distill-topk", "3"])
+
     with pytest.raises(ConfigError, match="--self-distill-offline-topk-path"):
         plan_launch(["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE)])
     with pytest.raises(ConfigError, match="does not exist.*extract_teacher_topk"):
         plan_launch(["--custom-config-path", str(CONFIG_DIR / OFFLINE_RECIPE), "--self-distill-offline-topk-path",
                      "/nowhere/teacher_topk.parquet"])
+
+
+def test_the_offline_recipe_starts_from_slimes_sft_example():
+    # slime's scripts/run-qwen3-4B-base-sft.sh
+    assert {flag: slime_settings(OFFLINE_RECIPE).get(flag) for flag in (
+        "--rollout-batch-size", "--global-batch-size", "--num-epoch", "--lr", "--lr-decay-style", "--min-lr",
+        "--lr-warmup-fraction", "--weight-decay", "--adam-beta1", "--adam-beta2")} == {
+        "--rollout-batch-size": "128", "--global-batch-size": "128", "--num-epoch": "3", "--lr": "1e-05",
+        "--lr-decay-style": "cosine", "--min-lr": "1e-06", "--lr-warmup-fraction": "0.1", "--weight-decay": "0.1",
+        "--adam-beta1": "0.9", "--adam-beta2": "0.95"}
 
 
 def test_opsd_and_sd_zero_are_per_token_means_and_the_others_per_sample():

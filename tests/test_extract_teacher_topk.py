@@ -465,6 +465,25 @@ def test_interrupted_merge_leaves_no_output_and_resumes_without_computing(tmp_pa
     assert_same_output(reference, extracted(), output_dir)
 
 
+def test_a_finished_extraction_is_kept_unless_overwrite(tmp_path, monkeypatch, capsys, teacher_dir, chat_file,
+                                                         extracted):
+    output_dir = tmp_path / "out"
+    assert extract(teacher_dir, chat_file, output_dir) == 0
+    before = {name: (output_dir / name).read_bytes() for name in OUTPUT_NAMES}
+    capsys.readouterr()
+
+    again = TeacherCalls(monkeypatch)
+    code, out, _ = run_main(main, capsys, *command_line(teacher_dir, chat_file, output_dir))
+    assert code == 0 and "nothing to do" in out and again.batches == []
+
+    code, _, err = run_main(main, capsys, *command_line(teacher_dir, chat_file, output_dir, "--top-k", TOP_K + 1))
+    assert code == 2 and "finished extraction" in err and "--overwrite" in err
+    assert {name: (output_dir / name).read_bytes() for name in OUTPUT_NAMES} == before and again.batches == []
+
+    assert extract(teacher_dir, chat_file, output_dir, "--top-k", TOP_K + 1, "--overwrite") == 0
+    assert TopKFile(str(output_dir / "teacher_topk.parquet")).info.k == TOP_K + 1 and again.batches
+
+
 def leave_two_rows_in_parts(monkeypatch, teacher_dir, chat_file, output_dir) -> None:
     """An extraction interrupted at its third row, with a part file per finished row."""
     with monkeypatch.context() as patch:

@@ -31,6 +31,7 @@ import torch
 from slime_self_distill.data.cli import (
     EXIT_BAD_DATA,
     EXIT_OK,
+    MAX_LISTED,
     BadRow,
     PendingOutputs,
     UsageError,
@@ -104,10 +105,14 @@ def _check_row(data: Any, args: argparse.Namespace, where: str) -> tuple[list, O
     return messages, tools, metadata
 
 
-def plan_rows(rows, tokenizer: Callable, args: argparse.Namespace) -> Plan:
-    """Tokenize every row as slime's SFT rollout will; number the usable ones (idx) in input order."""
+def plan_rows(rows, tokenizer: Callable, args: argparse.Namespace, report: Optional[Callable[[int], None]] = None
+              ) -> Plan:
+    """Tokenize every row as slime's SFT rollout will; number the usable ones (idx) in input order. ``report(rows
+    read)`` is called after each row."""
     plan = Plan([], [], [], [])
     for number, data in rows:
+        if report is not None:
+            report(len(plan.rows) + len(plan.bad) + len(plan.too_long))
         where = f"row {number}"
         try:
             messages, tools, metadata = _check_row(data, args, where)
@@ -333,6 +338,26 @@ def prepare_parts_dir(parts_dir: str, fingerprint: dict, overwrite: bool) -> Non
     write_atomically(settings_path, lambda f: f.write(json.dumps(fingerprint, indent=1, sort_keys=True).encode()))
 
 
+def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> Optional[str]:
+    """A finished extraction in ``--output-dir`` is kept: the same one (settings and rows) needs no work (returns
+    why), another is replaced only with ``--overwrite``; then the parts directory is prepared."""
+    from slime_self_distill.offline.topk_file import TopKFile, TopKFileError
+
+    finished = os.path.join(args.output_dir, TOPK_FILE_NAME)
+    if os.path.exists(finished) and not args.overwrite:
+        try:
+            earlier = TopKFile(finished).info.extraction
+        except TopKFileError:
+            earlier = None
+        if earlier == extraction_id(fingerprint):
+            return (f"{finished} already holds this extraction (the same settings and rows): nothing to do (pass "
+                    "--overwrite to compute it again)")
+        raise UsageError(f"{finished} holds a finished extraction of other settings or rows; pass --overwrite to "
+                         "replace it, or choose another --output-dir")
+    prepare_parts_dir(os.path.join(args.output_dir, PARTS_DIR_NAME), fingerprint, args.overwrite)
+    return None
+
+
 def part_paths(parts_dir: str) -> list:
     if not os.path.isdir(parts_dir):
         return []
@@ -354,8 +379,8 @@ def stored_idxs(paths: list, cache: Optional[dict] = None) -> dict:
 class PartWriter:
     """Rows of this rank into part files of about ``part_bytes``, each written atomically once full."""
 
-    def __init__(self, parts_dir: str, rank: Rank, k: int, part_bytes: int):
-        self.parts_dir, self.rank, self.k, self.part_bytes = parts_dir, rank, k, part_bytes
+    def __init__(self, parts_dir: str, rank: Rank, part_bytes: int):
+        self.parts_dir, self.rank, self.part_bytes = parts_dir, rank, part_bytes
         self.pending: list = []
         self.pending_bytes = 0
 
@@ -397,6 +422,18 @@ def merge_parts(parts: list, k: int, expected_rows: int, sink, info: TopKFileInf
 
 
 # ---------------------------------------------------------------------- progress
+def every_interval(report: Callable[[int], None]) -> Callable[[int], None]:
+    """``report(count)`` at most once every ``PROGRESS_INTERVAL_S`` seconds."""
+    last = [time.monotonic()]
+
+    def maybe_report(count: int) -> None:
+        if time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
+            last[0] = time.monotonic()
+            report(count)
+
+    return maybe_report
+
+
 class Progress:
     """A progress bar on a terminal; elsewhere (cluster logs) a line every ``PROGRESS_INTERVAL_S`` seconds."""
 
@@ -410,7 +447,8 @@ class Progress:
             self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"teacher top-K ({rank.name})",
                             file=sys.stderr, smoothing=0.05)
         self.rows = self.tokens = self.trained = 0
-        self.start = self.last_line = time.monotonic()
+        self.start = time.monotonic()
+        self.last_line = self.start - PROGRESS_INTERVAL_S  # a first line after the first batch
 
     def update(self, rows: int, tokens: int, trained: int) -> None:
         self.rows += rows
@@ -459,14 +497,15 @@ def device_for(rank: Rank, name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def shared_setup(rank: Rank, set_up: Callable[[], None]) -> bool:
+def shared_setup(rank: Rank, set_up: Callable[[], Optional[str]]) -> tuple[bool, Optional[str]]:
     """``set_up()`` on rank 0 (the parts directory: ``--overwrite`` removes old parts first), then every rank past it
     before any rank reads the parts; rank 0's error stops every rank, each with the same message. Returns whether it
-    created the process group (a caller's own group is used, and left to the caller)."""
-    failure, created = None, False
+    created the process group (a caller's own group is used, and left to the caller) and what ``set_up`` returned:
+    a reason for every rank to stop without work, or None."""
+    failure, done, created = None, None, False
     if rank.rank == 0:
         try:
-            set_up()
+            done = set_up()
         except UsageError as error:
             failure = str(error)
     if rank.world > 1:
@@ -475,14 +514,14 @@ def shared_setup(rank: Rank, set_up: Callable[[], None]) -> bool:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
             created = True
-        message = [failure]
+        message = [failure, done]
         dist.broadcast_object_list(message, src=0)
-        failure = message[0]
+        failure, done = message
     if failure is not None:
         if created:
             dist.destroy_process_group()
         raise UsageError(failure)
-    return created
+    return created, done
 
 
 def run(args: argparse.Namespace) -> int:
@@ -496,8 +535,16 @@ def run(args: argparse.Namespace) -> int:
         sft_tokenizer = SftTokenizer(tokenizer, args.loss_mask_type)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
     _, rows = read_input(args.input)
-    plan = plan_rows(rows, sft_tokenizer, args)
+    if not args.quiet:
+        say(f"tokenizing {args.input} as slime's SFT rollout will (--loss-mask-type {args.loss_mask_type}, "
+            f"tokenizer {args.tokenizer or args.teacher})", file=sys.stderr)
+    plan = plan_rows(rows, sft_tokenizer, args, None if args.quiet else every_interval(
+        lambda count: say(f"tokenized {count} rows", file=sys.stderr, flush=True)))
     if plan.bad and not args.skip_invalid:
         if rank.rank == 0:
             print_bad_rows(plan.bad, sys.stderr)
@@ -520,7 +567,10 @@ def run(args: argparse.Namespace) -> int:
     identify_extraction(plan, args.metadata_key, fingerprint)
     created_group = False
     try:
-        created_group = shared_setup(rank, lambda: prepare_parts_dir(parts_dir, fingerprint, args.overwrite))
+        created_group, done = shared_setup(rank, lambda: prepare_output_dir(args, fingerprint))
+        if done is not None:
+            say(done)
+            return EXIT_OK
         return extract(args, rank, plan, tokenizer, parts_dir, device, dtype, trained_tokens)
     finally:
         if created_group:
@@ -561,7 +611,7 @@ def extract(args: argparse.Namespace, rank: Rank, plan: Plan, tokenizer, parts_d
         say(f"resuming: {len(done)} of {len(plan.rows)} rows are in {parts_dir}")
 
     progress = Progress(rank, len(todo), sum(len(r.tokens) for r in todo), args.quiet)
-    writer = PartWriter(parts_dir, rank, args.top_k, args.part_size_mb << 20)
+    writer = PartWriter(parts_dir, rank, args.part_size_mb << 20)
     try:
         for batch in batches_of(todo, args.max_tokens_per_batch):
             for row, ids, values in teacher.rows(batch):
@@ -620,12 +670,17 @@ def finish(args: argparse.Namespace, plan: Plan, teacher: Teacher, tokenizer, pa
     size = os.path.getsize(topk_path)
     print(f"wrote {topk_path}: {len(plan.rows)} rows, {trained_tokens} trained tokens x K={args.top_k}, "
           f"{size / 2**20:.1f} MiB ({size / trained_tokens:.1f} bytes per trained token)")
-    print(f"wrote {data_path}: give it to slime as --prompt-data, with --input-key {args.messages_key}"
-          + (f" --tool-key {args.tool_key}" if args.tool_key else "") + f" --loss-mask-type {args.loss_mask_type}")
+    print(f"wrote {data_path} (slime's --prompt-data; the launcher reads it and the keys from the top-K file)")
     if plan.bad or plan.too_long:
-        print(f"rows left out: {len(plan.bad) + len(plan.too_long)} "
-              f"({counts(b.code for b in plan.bad + plan.too_long)}) -> {rejected_path}")
-        print_bad_rows(plan.bad + plan.too_long, sys.stdout)
+        print(f"rows left out: {len(plan.bad)} bad, {len(plan.too_long)} over --max-length -> {rejected_path}")
+        if plan.bad:
+            print_bad_rows(plan.bad, sys.stdout)
+        for row in plan.too_long[:MAX_LISTED]:
+            print(f"  row {row.row}: [{row.code}] {row.reason}")
+    print(f"next: python -m slime_self_distill.train --custom-config-path configs/offline_topk_kd.yaml "
+          f"--self-distill-offline-topk-path {os.path.abspath(topk_path)} --hf-checkpoint <the student, whose "
+          "tokenizer extraction used> <your model, checkpoint and parallel flags> (README \"Offline top-K "
+          "distillation\")")
     return EXIT_OK
 
 
@@ -671,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true",
                    help=f"leave bad rows out (listed in {REJECTED_FILE_NAME}) instead of failing")
     p.add_argument("--overwrite", action="store_true",
-                   help="discard the parts of an unfinished extraction made with other settings")
+                   help="replace a finished extraction in --output-dir, or discard the parts of an unfinished one, made "
+                   "with other settings (or compute the same one again)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p

@@ -154,7 +154,8 @@ def _row_problem(row: Any, keys: DataFileKeys, info: TopKFileInfo, seen: set,
         try:
             digest = tokenize(row[keys.input_key], json.loads(tools) if isinstance(tools, str) else tools).digest()
         except Exception as error:  # noqa: BLE001 - a row the chat template cannot render is that row's problem
-            return f"does not tokenize: {error}"
+            return (f"does not tokenize as slime's SFT rollout would with --hf-checkpoint's tokenizer and "
+                    f"--loss-mask-type {keys.loss_mask_type} ({error}); extraction used {info.tokenizer}")
         if digest != record["digest"]:
             return (f"tokenizes into other tokens or another loss mask than extraction's (digest {digest} != "
                     f"{record['digest']}): the tokenizer, chat template, --loss-mask-type or --tool-key differ")
@@ -171,6 +172,10 @@ def check_data_file(path: str, keys: DataFileKeys, topk_path: str) -> str:
     from slime_self_distill.offline.extraction import file_sha256
 
     info = open_topk_file(topk_path).info
+    if keys.loss_mask_type != info.loss_mask_type:
+        raise SelfDistillDataError(f"--loss-mask-type {keys.loss_mask_type}: {topk_path} was extracted with "
+                                   f"--loss-mask-type {info.loss_mask_type}, which the launcher fills in unless given; "
+                                   "drop the flag, or extract again with it")
     tokenize = None
     if keys.tokenizer is not None:
         from slime_self_distill.data_source import load_hf_tokenizer

@@ -188,14 +188,18 @@ class TopKFile:
         import pyarrow.parquet as pq
 
         self.path = path
+        if os.path.isdir(path):
+            inside = os.path.join(path, "teacher_topk.parquet")
+            hint = f"give the file inside it, {inside!r}" if os.path.isfile(inside) else "give the teacher_topk.parquet"
+            raise TopKFileError(f"teacher top-K file {path!r} is a directory; {hint}")
         if not os.path.isfile(path):
             raise TopKFileError(f"teacher top-K file {path!r} does not exist; write it with python -m "
                                 "slime_self_distill.extract_teacher_topk")
         try:
             self._file = pq.ParquetFile(path)
         except pa.ArrowException as e:
-            raise TopKFileError(f"{path!r} is not a readable Parquet file ({e}); check that it was fully "
-                                "copied") from None
+            raise TopKFileError(f"{path!r} is not a readable Parquet file ({e}): give the teacher_topk.parquet that "
+                                "extract_teacher_topk wrote (not its data file), fully copied") from None
         self.info = TopKFileInfo.from_metadata(self._file.schema_arrow.metadata, path)
         names = tuple(self._file.schema_arrow.names)
         if names != COLUMNS:
