@@ -423,9 +423,13 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
 
 def apply_recipe_overrides(args: Any, plan: LaunchPlan) -> None:
     """Set the command line's values of the recipe keys it overrides on slime's parsed ``args`` (slime's parser applied
-    the recipe after the flags)."""
+    the recipe after the flags); the teacher top-K file as an absolute path (slime's Ray actors need not share the
+    launcher's working directory)."""
     for key, value in plan.recipe_overrides.items():
         setattr(args, key, value)
+    key = ARG_PREFIX + "offline_topk_path"
+    if getattr(args, key, None):
+        setattr(args, key, os.path.abspath(getattr(args, key)))
 
 
 # ---------------------------------------------------------------------- parsed-args validation

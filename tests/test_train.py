@@ -241,6 +241,15 @@ def test_a_flag_wins_over_the_recipe_key_on_slimes_parsed_args(tmp_path):
     assert same.recipe_overrides == {} and same.warnings == []  # the same value both ways replaces nothing
 
 
+def test_the_teacher_top_k_file_reaches_slime_as_an_absolute_path(tmp_path, monkeypatch):
+    from slime_self_distill.train import apply_recipe_overrides
+
+    monkeypatch.chdir(tmp_path)
+    parsed = argparse.Namespace(self_distill_offline_topk_path="kd/teacher_topk.parquet")
+    apply_recipe_overrides(parsed, plan_launch(["--ref-load", "/ckpt/initial"]))
+    assert parsed.self_distill_offline_topk_path == str(tmp_path / "kd" / "teacher_topk.parquet")
+
+
 def test_a_recipe_made_valid_by_a_flag_is_accepted():
     """sdft_topk.yaml skips 3 tokens, which a policy-loss combination refuses; a flag setting 0 makes it valid."""
     recipe = Path(__file__).resolve().parents[1] / "configs" / "sdft_topk.yaml"
