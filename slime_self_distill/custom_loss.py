@@ -3,8 +3,9 @@
 ``--custom-loss-function-path slime_self_distill.custom_loss.self_distill_loss``
 
 slime calls ``self_distill_loss(args, batch, logits, sum_of_sample_mean)`` once per micro-batch with the packed
-``[1, T_local, V/TP]`` logits. Per sample, the response rows come from slime's own ``get_responses`` (context
-parallel layout, ``--rollout-temperature``); the teacher inputs come from the batch keys of
+``[1, T_local, V/TP]`` logits. Per sample, the response rows are the rows slime's own ``get_responses`` gives
+(context-parallel layout, ``--rollout-temperature``; found by running it on the row numbers, and cut from the logits
+by one split); the teacher inputs come from the batch keys of
 ``slime_self_distill.teacher_view`` in the same layout. The per-token loss is reduced with slime's
 ``sum_of_sample_mean``, so slime's rescaling gives the right gradient scale for any number of samples per
 micro-batch and with ``--calculate-per-token-loss``.
@@ -234,7 +235,6 @@ def _parallel_groups():
 def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mean) -> tuple[torch.Tensor, dict]:
     """slime's custom-loss entry point: ``(loss, metrics)`` for one micro-batch."""
     from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
-    from slime.backends.megatron_utils.loss import get_responses
 
     config = config_of(args)
     if config.offline:
@@ -247,13 +247,10 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     keys = spec.output_keys
 
     samples = []
-    responses = get_responses(
-        logits,
-        args=args,
-        unconcat_tokens=batch["unconcat_tokens"],
-        total_lengths=total_lengths,
-        response_lengths=response_lengths,
-    )
+    # slime's get_responses rows (temperature, CP layout), cut from the logits by one split
+    scaled = logits[0] if args.rollout_temperature == 1.0 else logits[0].div(args.rollout_temperature)
+    layout = response_row_layout(args, batch, scaled.shape[0], scaled.device)
+    responses = zip(rows_by_sample(scaled, layout), (tokens.to(scaled.device) for _, tokens in layout))
     tp_rank, tp_size = group_rank_and_size(tp_group)
     for i, (rows, tokens) in enumerate(responses):
         r, v = rows.shape
@@ -308,6 +305,37 @@ def response_row_layout(args, batch: dict, rows: int, device) -> list:
     return [(found[:, 0].long(), tokens) for found, tokens in get_responses(
         positions, args=args, unconcat_tokens=batch["unconcat_tokens"], total_lengths=batch["total_lengths"],
         response_lengths=batch["response_lengths"], apply_temperature=False)]
+
+
+def rows_by_sample(rows: torch.Tensor, layout: list) -> list:
+    """Each sample's rows of ``rows`` [T, ...] (``layout``: each sample's row indices, runs of consecutive rows), cut
+    by one ``split``: its backward writes the gradient of all ``rows`` once, where a slice per sample writes a
+    zero-filled gradient of all ``rows`` per sample."""
+    runs = []  # (start, end, (sample, the run's place in the sample))
+    for sample, (indices, _) in enumerate(layout):
+        if indices.numel():
+            cuts = (torch.nonzero(indices[1:] != indices[:-1] + 1).flatten() + 1).tolist()
+            bounds = [0, *cuts, indices.numel()]
+            runs += [(int(indices[a]), int(indices[b - 1]) + 1, (sample, place))
+                     for place, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    runs.sort()
+    sizes, owners, position = [], [], 0
+    for start, end, owner in runs:
+        if start > position:
+            sizes.append(start - position)
+            owners.append(None)
+        sizes.append(end - start)
+        owners.append(owner)
+        position = end
+    if position < rows.shape[0]:
+        sizes.append(rows.shape[0] - position)
+        owners.append(None)
+    pieces: list = [{} for _ in layout]
+    for piece, owner in zip(torch.split(rows, sizes), owners):
+        if owner is not None:
+            pieces[owner[0]][owner[1]] = piece
+    return [torch.cat([parts[place] for place in range(len(parts))]) if len(parts) > 1
+            else parts[0] if parts else rows[:0] for parts in pieces]
 
 
 def offline_kd_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mean,

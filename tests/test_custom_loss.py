@@ -304,3 +304,28 @@ def test_missing_or_misshaped_teacher_input_names_key_and_sample(slime_megatron)
     batch["teacher_hidden_states"] = [t[:-1] for t in batch["teacher_hidden_states"]]
     with pytest.raises(ValueError, match=r"'teacher_hidden_states' of sample 0 has shape \(5, 5\), expected \(6, H\)"):
         slime_megatron.loss.loss_function(args, batch, 1, 3, logits)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_by_sample_cuts_each_samples_rows_and_backs_one_gradient(seed):
+    """Samples of one or two runs of rows (slime's zigzag CP gives two), in any order, with gaps (prompt rows) and an
+    empty one: each sample's rows, and the gradient of every row, as indexing would give them."""
+    from slime_self_distill.custom_loss import rows_by_sample
+
+    g = torch.Generator().manual_seed(seed)
+    total = 40
+    cut = sorted(torch.randperm(total - 1, generator=g)[:9].add(1).tolist())
+    runs = [list(range(a, b)) for a, b in zip([0, *cut], [*cut, total])]  # 10 disjoint runs covering the rows
+    layout = [(torch.tensor(runs[1] + runs[6]), None), (torch.tensor(runs[3]), None),
+              (torch.zeros(0, dtype=torch.long), None),
+              (torch.tensor(runs[8] + runs[4]), None)]  # a later run first; runs 0, 2, 5, 7, 9: rows of no sample
+    rows = torch.randn(total, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(len(indices), 3, generator=g, dtype=torch.float64) for indices, _ in layout]
+    pieces = rows_by_sample(rows, layout)
+    for piece, (indices, _) in zip(pieces, layout):
+        assert torch.equal(piece, rows.detach()[indices])
+    sum((piece * w).sum() for piece, w in zip(pieces, weights)).backward()
+    expected = torch.zeros(total, 3, dtype=torch.float64)
+    for (indices, _), w in zip(layout, weights):
+        expected[indices] += w
+    assert torch.equal(rows.grad, expected)
