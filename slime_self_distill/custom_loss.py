@@ -248,8 +248,7 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
 
     samples = []
     # slime's get_responses rows (temperature, CP layout), cut from the logits by one split
-    scaled = logits[0] if args.rollout_temperature == 1.0 else logits[0].div(args.rollout_temperature)
-    layout = response_row_layout(args, batch, scaled.shape[0], scaled.device)
+    scaled, layout = scaled_logits_and_layout(args, batch, logits)
     responses = zip(rows_by_sample(scaled, layout), (tokens.to(scaled.device) for _, tokens in layout))
     tp_rank, tp_size = group_rank_and_size(tp_group)
     for i, (rows, tokens) in enumerate(responses):
@@ -296,15 +295,19 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     return combine_with_policy_loss(config, policy_loss_function(args, batch, logits, sum_of_sample_mean), distillation)
 
 
-def response_row_layout(args, batch: dict, rows: int, device) -> list:
-    """``(row indices, target tokens)`` of each sample's response in the micro-batch's ``rows`` logits rows, in
-    slime's own layout (context-parallel zigzag included): ``get_responses`` run on the row numbers."""
+def scaled_logits_and_layout(args, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The micro-batch's logits rows ``[T, V/TP]`` divided by ``--rollout-temperature`` as slime's ``get_responses``
+    divides them, and the ``(row indices, target tokens)`` of each sample's response among those rows, in slime's own
+    layout (context-parallel zigzag included): ``get_responses`` run on the row numbers."""
     from slime.backends.megatron_utils.loss import get_responses
 
-    positions = torch.arange(rows, dtype=torch.float32, device=device).view(1, rows, 1)
-    return [(found[:, 0].long(), tokens) for found, tokens in get_responses(
+    scaled = logits[0] if args.rollout_temperature == 1.0 else logits[0].div(args.rollout_temperature)
+    rows = scaled.shape[0]
+    positions = torch.arange(rows, dtype=torch.float32, device=scaled.device).view(1, rows, 1)
+    layout = [(found[:, 0].long(), tokens) for found, tokens in get_responses(
         positions, args=args, unconcat_tokens=batch["unconcat_tokens"], total_lengths=batch["total_lengths"],
         response_lengths=batch["response_lengths"], apply_temperature=False)]
+    return scaled, layout
 
 
 def rows_by_sample(rows: torch.Tensor, layout: list) -> list:
@@ -349,9 +352,8 @@ def offline_kd_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mean,
     from slime.backends.megatron_utils.cp_utils import slice_log_prob_with_cp
 
     tp_group, _, _ = _parallel_groups()
-    scaled = logits[0] if args.rollout_temperature == 1.0 else logits[0].div(args.rollout_temperature)
+    scaled, layout = scaled_logits_and_layout(args, batch, logits)
     rows, device = scaled.shape[0], scaled.device
-    layout = response_row_layout(args, batch, rows, device)
     parts = {"rows": [], "targets": [], "trained": [], "ids": [], "teacher": []}
     for i, (row_indices, tokens) in enumerate(layout):
         r = row_indices.shape[0]

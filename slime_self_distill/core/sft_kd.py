@@ -69,10 +69,9 @@ def sft_kd_terms(
     ``teacher_log_probs_at_ids`` [R, K] (rows that are not trained hold any finite placeholder with distinct ids)."""
     if token_weight not in TOKEN_WEIGHTS:
         raise ValueError(f"unknown KD token weight {token_weight!r}; choose one of {', '.join(TOKEN_WEIGHTS)}")
-    teacher = teacher_log_probs_at_ids
-    kd = topk_divergence(logits, targets, teacher, teacher_ids, divergence=divergence, alpha=alpha,
+    kd = topk_divergence(logits, targets, teacher_log_probs_at_ids, teacher_ids, divergence=divergence, alpha=alpha,
                          tp_group=tp_group, chunk_size=chunk_size, tail=tail, with_entropy=False)
-    target_prob = teacher_target_prob(teacher, teacher_ids, targets).to(kd.loss_terms.dtype)
+    target_prob = teacher_target_prob(teacher_log_probs_at_ids, teacher_ids, targets).to(kd.loss_terms.dtype)
     weight = target_prob if token_weight == "teacher_target_prob" else torch.ones_like(target_prob)
     cross_entropy = -kd.target_log_probs
     terms = torch.where(trained, cross_entropy + kd_weight * weight * kd.loss_terms, 0.0)

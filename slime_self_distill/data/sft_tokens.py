@@ -34,9 +34,10 @@ as ``normalise_messages`` returns them.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 LOSS_MASK_TYPES = ("qwen", "qwen3", "qwen3_5", "distill_qwen")
 
@@ -111,6 +112,20 @@ def normalise_messages(messages: Any, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise ChatRowError(f"{where}: no assistant message, so nothing to train on; add the assistant's answer")
     return out
+
+
+def row_tools(row: dict, tool_key: Optional[str], metadata: dict, where: str) -> Optional[list]:
+    """The tools slime's SFT rollout gives the chat template for ``row``, as slime's ``Dataset`` reads them: the
+    ``--tool-key`` column (a JSON string is parsed), else the tools the row's metadata already holds."""
+    tools = row[tool_key] if tool_key and tool_key in row else metadata.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ChatRowError(f"{where}: {tool_key!r} is a string that is not JSON ({e})") from None
+    if tools is not None and not isinstance(tools, list):
+        raise ChatRowError(f"{where}: {tool_key!r} must be a list of tool definitions, got {type(tools).__name__}")
+    return tools
 
 
 @dataclass(frozen=True)

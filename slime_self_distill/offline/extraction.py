@@ -41,7 +41,13 @@ from slime_self_distill.data.cli import (
     rejected_writer,
 )
 from slime_self_distill.data.files import UnparseableLine, write_atomically
-from slime_self_distill.data.sft_tokens import LOSS_MASK_TYPES, ChatRowError, SftTokenizer, normalise_messages
+from slime_self_distill.data.sft_tokens import (
+    LOSS_MASK_TYPES,
+    ChatRowError,
+    SftTokenizer,
+    normalise_messages,
+    row_tools,
+)
 from slime_self_distill.offline.topk_file import (
     ROW_RECORD_KEY,
     VALUE_KINDS,
@@ -93,16 +99,7 @@ def _check_row(data: Any, args: argparse.Namespace, where: str) -> tuple[list, O
     if not isinstance(metadata, dict):
         raise ChatRowError(f"{where}: {args.metadata_key!r} must be an object (slime's --metadata-key), got "
                            f"{type(metadata).__name__}")
-    # as slime's Dataset: the tools column, else the tools the row's metadata already holds
-    tools = data[args.tool_key] if args.tool_key and args.tool_key in data else metadata.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ChatRowError(f"{where}: {args.tool_key!r} is a string that is not JSON ({e})") from None
-    if tools is not None and not isinstance(tools, list):
-        raise ChatRowError(f"{where}: {args.tool_key!r} must be a list of tool definitions, got {type(tools).__name__}")
-    return messages, tools, metadata
+    return messages, row_tools(data, args.tool_key, metadata, where), metadata
 
 
 def plan_rows(rows, tokenizer: Callable, args: argparse.Namespace, report: Optional[Callable[[int], None]] = None

@@ -10,12 +10,11 @@ to other tokens. Reading is per rollout, only the row groups of the rollout's ro
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from slime_self_distill.config import ConfigError, SelfDistillConfig, flag_name
-from slime_self_distill.data.sft_tokens import SftTokens
+from slime_self_distill.data.sft_tokens import SftTokens, row_tools
 from slime_self_distill.offline.topk_file import ROW_RECORD_KEY, TopKFile, TopKFileInfo
 from slime_self_distill.teacher_view import StoredTopK
 
@@ -149,10 +148,8 @@ def _row_problem(row: Any, keys: DataFileKeys, info: TopKFileInfo, seen: set,
         return (f"no chat messages under --input-key {keys.input_key!r} (extraction read "
                 f"{info.messages_key!r})")
     if tokenize is not None:
-        # as slime's Dataset: the tools column, else the tools the row's metadata already holds
-        tools = row[keys.tool_key] if keys.tool_key and keys.tool_key in row else metadata.get("tools")
         try:
-            digest = tokenize(row[keys.input_key], json.loads(tools) if isinstance(tools, str) else tools).digest()
+            digest = tokenize(row[keys.input_key], row_tools(row, keys.tool_key, metadata, "the row")).digest()
         except Exception as error:  # noqa: BLE001 - a row the chat template cannot render is that row's problem
             return (f"does not tokenize as slime's SFT rollout would with --hf-checkpoint's tokenizer and "
                     f"--loss-mask-type {keys.loss_mask_type} ({error}); extraction used {info.tokenizer}")
