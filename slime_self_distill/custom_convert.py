@@ -52,7 +52,7 @@ from slime_self_distill.data_source import (
     SelfDistillDataError,
     describe_sample,
     load_hf_tokenizer,
-    teacher_prompt_renderer,
+    teacher_renderer,
 )
 from slime_self_distill.teacher_view import PAYLOAD_KEY, TeacherView
 
@@ -505,30 +505,46 @@ def convert_samples_to_train_data(args: Any, samples: list) -> dict:
             f"the rollout engine's log-probabilities, but {describe_sample(samples[0])} has no rollout_log_probs; "
             "make the rollout function return them (slime's SGLang rollout does), or drop --use-rollout-logprobs"
         )
-    tokenizer = load_hf_tokenizer(args.hf_checkpoint)
+    views, contexts_metrics = sample_teacher_views(args, samples, config, load_hf_tokenizer(args.hf_checkpoint))
+    if contexts_metrics is not None:
+        log_context_metrics(args, contexts_metrics, views)
+    return with_teacher_views(data, views, config, bool(getattr(args, "calculate_per_token_loss", False)))
+
+
+def with_teacher_views(data: dict, views: list, config: SelfDistillConfig, calculate_per_token_loss: bool) -> dict:
+    """Train data with the teacher views as payload, the loss masks restricted (``restrict_loss_masks``) and, with
+    ``--calculate-per-token-loss``, the per-token loss weights. Shared by the converter and the single-process
+    trainer."""
+    data[PAYLOAD_KEY] = views
+    data = restrict_loss_masks(data, config.num_loss_tokens_to_skip,
+                               keep_masks_without_teacher=config.rl_combination != "none")
+    if calculate_per_token_loss:
+        data[PAYLOAD_KEY] = with_per_token_loss_weights(data[PAYLOAD_KEY], data["loss_masks"])
+    return data
+
+
+def sample_teacher_views(args: Any, samples: Sequence[Any], config: SelfDistillConfig,
+                         tokenizer: Any) -> tuple[list, Optional[dict]]:
+    """One ``TeacherView`` per sample (the row's teacher prompt, or the context built after rewards), and the
+    context's rollout metrics (None for a row's own teacher prompt). ``args`` needs slime's chat-template flags
+    (``apply_chat_template``, ``apply_chat_template_kwargs``) and, for contexts built after rewards, its reward
+    flags; ``tokenizer`` encodes as slime encodes a prompt. Shared by the converter and the single-process trainer."""
 
     @functools.lru_cache(maxsize=None)  # the samples of a group share their teacher prompt: encode it once
     def encode(text: str) -> tuple:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
+    render = teacher_renderer(tokenizer, config, apply_chat_template=bool(args.apply_chat_template),
+                              apply_chat_template_kwargs=args.apply_chat_template_kwargs)
     if config.teacher_prompt_from_row:
         truncates = config.teacher_overflow == "truncate_demonstration"
-        views = build_teacher_views(samples, encode=encode, config=config,
-                                    render=teacher_prompt_renderer(args, config) if truncates else None)
-    else:
-        contexts = built_contexts(args, samples, config, encode=encode,
-                                  decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        render = teacher_prompt_renderer(args, config)
-        views = teacher_views(samples, [
-            contextual_teacher_ids(sample, choice, encode=encode, render=render, config=config)
-            for sample, choice in zip(samples, contexts.choices, strict=True)])
-        log_context_metrics(args, contexts.metrics, views)
-    data[PAYLOAD_KEY] = views
-    data = restrict_loss_masks(data, config.num_loss_tokens_to_skip,
-                               keep_masks_without_teacher=config.rl_combination != "none")
-    if getattr(args, "calculate_per_token_loss", False):
-        data[PAYLOAD_KEY] = with_per_token_loss_weights(data[PAYLOAD_KEY], data["loss_masks"])
-    return data
+        return build_teacher_views(samples, encode=encode, config=config, render=render if truncates else None), None
+    contexts = built_contexts(args, samples, config, encode=encode,
+                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    views = teacher_views(samples, [
+        contextual_teacher_ids(sample, choice, encode=encode, render=render, config=config)
+        for sample, choice in zip(samples, contexts.choices, strict=True)])
+    return views, contexts.metrics
 
 
 def built_contexts(args: Any, samples: Sequence[Any], config: SelfDistillConfig, *,

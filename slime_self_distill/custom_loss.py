@@ -262,28 +262,12 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
         }
         teacher = {k: _checked_teacher_input(batch, k, i, expected[k], rows.device) for k in keys}
         teacher.update({k: gather_tp_rows(value, r, tp_group) for k, value in teacher.items() if k in HOST_KEYS})
-        distribution = None
-        if TEACHER_HIDDEN_STATES_KEY in teacher:
-            distribution = TeacherHiddenStates(teacher[TEACHER_HIDDEN_STATES_KEY], _teacher_output_weight(batch, v),
-                                               spec.temperature)
-        response_length = response_lengths[i]
+        output_weight = _teacher_output_weight(batch, v) if TEACHER_HIDDEN_STATES_KEY in teacher else None
         # the converter's weight: the mean over the samples (or, per token, the tokens) that have a teacher
         weight = 1.0 if weights is None else float(weights[i])
-        samples.append(
-            SampleRows(
-                logits=rows,
-                tokens=tokens,
-                valid=slice_log_prob_with_cp(batch["loss_masks"][i], total_lengths[i], response_length)
-                .to(rows.device)
-                .bool(),
-                weight=weight,
-                teacher_token_log_probs=teacher[TEACHER_TOKEN_LOG_PROBS_KEY],
-                teacher_topk_log_probs=teacher.get(TEACHER_TOPK_LOG_PROBS_KEY),
-                teacher_topk_indices=teacher.get(TEACHER_TOPK_INDICES_KEY),
-                teacher_distribution=distribution,
-                rollout_log_probs=None if rollout_log_probs is None else rollout_log_probs[i].to(rows.device),
-            )
-        )
+        valid = slice_log_prob_with_cp(batch["loss_masks"][i], total_lengths[i], response_lengths[i])
+        samples.append(sample_rows(rows, tokens, valid.to(rows.device).bool(), weight, teacher, spec, output_weight,
+                                   None if rollout_log_probs is None else rollout_log_probs[i].to(rows.device)))
     per_token = per_token_distillation(
         samples, config, tp_group=tp_group, data_parallel_group=dp_group, context_parallel_group=cp_group
     )
@@ -293,6 +277,28 @@ def self_distill_loss(args, batch: dict, logits: torch.Tensor, sum_of_sample_mea
     from slime.backends.megatron_utils.loss import policy_loss_function
 
     return combine_with_policy_loss(config, policy_loss_function(args, batch, logits, sum_of_sample_mean), distillation)
+
+
+def sample_rows(rows: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, weight: float, teacher: dict,
+                spec: TeacherOutputSpec, output_weight: Optional[torch.Tensor] = None,
+                rollout_log_probs: Optional[torch.Tensor] = None) -> SampleRows:
+    """One sample's ``SampleRows`` from its student rows and the teacher pass's outputs ``teacher`` (batch key ->
+    tensor, as ``trainer.teacher_outputs.compute_teacher_outputs`` gives them; ``output_weight``: the teacher's
+    output layer, needed with the hidden-state store). Shared by slime's loss and the single-process trainer."""
+    distribution = None
+    if TEACHER_HIDDEN_STATES_KEY in teacher:
+        distribution = TeacherHiddenStates(teacher[TEACHER_HIDDEN_STATES_KEY], output_weight, spec.temperature)
+    return SampleRows(
+        logits=rows,
+        tokens=tokens,
+        valid=valid,
+        weight=weight,
+        teacher_token_log_probs=teacher[TEACHER_TOKEN_LOG_PROBS_KEY],
+        teacher_topk_log_probs=teacher.get(TEACHER_TOPK_LOG_PROBS_KEY),
+        teacher_topk_indices=teacher.get(TEACHER_TOPK_INDICES_KEY),
+        teacher_distribution=distribution,
+        rollout_log_probs=rollout_log_probs,
+    )
 
 
 def scaled_logits_and_layout(args, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, list]:

@@ -17,7 +17,7 @@ from tests.slime_support import needs_slime
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("sdft.yaml", "sdft_topk.yaml", "opsd.yaml", "sampled_token_reverse_kl.yaml", "sdpo.yaml", "sd_zero.yaml",
-           "offline_topk_kd.yaml")
+           "offline_topk_kd.yaml", "local_kv_demo.yaml")
 OFFLINE_RECIPE = "offline_topk_kd.yaml"  # needs a teacher top-K file: launched with a small one
 # Megatron-LM's own flags (megatron.training.arguments, not installable here), which the recipes set for the
 # optimizer; slime's argument code knows every other flag they use.

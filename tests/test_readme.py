@@ -16,13 +16,23 @@ def _code_blocks_of(text: str) -> list[list[str]]:
             for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
 
 
-def test_readme_opens_with_a_quick_start_whose_first_command_keeps_the_installed_torch():
+def test_readme_opens_with_a_quick_start_whose_first_command_runs_the_cpu_demo():
     assert README.index("## Quick start") < README.index("## Contents")
     (first_command,) = _code_blocks_of(README)[0]
-    install, prepare = first_command.split(" && ")
-    assert install == "pip install -e ."  # no torch pin: a cluster image's CUDA torch stays
+    install, demo = first_command.split(" && ")
+    assert install == "pip install -e '.[local]'"  # no torch pin: an installed (CUDA) torch stays
+    assert demo == "python -m slime_self_distill.local_train --demo"  # tests/test_local_demo.py runs it
+    (cluster_command,) = _code_blocks_of(README)[1]
+    install, prepare = cluster_command.split(" && ")
+    assert install == "pip install -e ."
     assert prepare.startswith("python -m slime_self_distill.prepare_dataset --input examples/")
     assert (ROOT / prepare.split("--input ")[1].split()[0]).is_file()
+
+
+def test_the_local_extra_holds_what_the_demo_imports():
+    setup = (ROOT / "setup.cfg").read_text()
+    extra = setup[setup.index("local =") :].split("\n\n")[0].split("\n[")[0]
+    assert "transformers" in extra and "matplotlib" in extra and "torch" not in extra
 
 
 def test_the_readme_gives_the_test_command_ci_runs():

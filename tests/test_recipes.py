@@ -226,7 +226,7 @@ OFFICIAL = {
 
 
 # Recipes of no official method, and where their loss is checked through slime's real loss_function.
-CHECKED_ELSEWHERE = {"offline_topk_kd.yaml": "test_offline_kd.py"}
+CHECKED_ELSEWHERE = {"offline_topk_kd.yaml": "test_offline_kd.py", "local_kv_demo.yaml": "test_local_train.py"}
 
 
 def test_every_recipe_is_checked():

@@ -1,0 +1,1 @@
+"""The single-process trainer: self-distillation in one process on a Hugging Face causal LM, and its CPU demo."""
